@@ -1,0 +1,209 @@
+"""One launch path for CPU, one GPU, many GPUs and many nodes.
+
+* ``torchrun ...``: one rank per process, read from the environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``).
+* ``python script.py`` with N visible GPUs: N processes are spawned (world size N, never a hard-coded 8);
+  with one GPU or none the script runs in this process.
+* The paper's manual ``--world_size/--rank/--dist_url`` still work: ``--rank`` is the node's rank, each node
+  spawns one process per GPU and ``--world_size`` is the total number of processes.
+
+Backend: nccl on GPU, gloo on CPU. With world size 1 no process group is created at all.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def add_distributed_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -> None:
+    """The paper's launch flags (kept for manual multi-node launches) plus ``--device``."""
+    group = parser.add_argument_group("launch")
+    group.add_argument("--world_size", type=int, default=None,
+                       help="total number of processes (default: taken from torchrun, else one per visible GPU)")
+    group.add_argument("--rank", type=int, default=0, help="node rank for a manual multi-node launch")
+    group.add_argument("--dist_url", type=str, default=dist_url,
+                       help="rendezvous URL for a manual multi-node launch, e.g. tcp://HOST:PORT")
+    group.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
+                       help="auto: every visible GPU if there is one, else the CPU")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _use_cuda(args: argparse.Namespace) -> bool:
+    device = getattr(args, "device", "auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but no GPU is visible; use --device cpu.")
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace) -> None:
+    """Run ``main_worker(args, ctx)`` on every rank, starting processes where the launcher did not."""
+    use_cuda = _use_cuda(args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style env launch
+        env_world = int(os.environ["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != env_world:
+            raise SystemExit(f"--world_size {args.world_size} does not match the {env_world} processes started "
+                             "by the launcher (WORLD_SIZE); drop --world_size or make them agree.")
+        _worker(int(os.environ.get("LOCAL_RANK", 0)), main_worker, args, use_cuda, "env://", 0, env_world)
+        return
+    n_local = torch.cuda.device_count() if use_cuda else 1
+    world_size = args.world_size if args.world_size is not None else n_local
+    if args.world_size is not None and args.rank == 0 and args.world_size < n_local:
+        raise SystemExit(f"--world_size {args.world_size} is smaller than the {n_local} processes this node "
+                         f"starts (one per visible GPU); set --world_size {n_local} or limit CUDA_VISIBLE_DEVICES.")
+    if world_size % n_local != 0 or (args.rank + 1) * n_local > world_size:
+        raise SystemExit(f"--world_size {world_size} with node --rank {args.rank} does not fit {n_local} "
+                         "process(es) per node; --world_size is the total number of processes over all nodes.")
+    if world_size > 1 and args.dist_url == "env://":
+        if world_size != n_local:
+            raise SystemExit("a manual multi-node launch needs --dist_url tcp://HOST:PORT of node 0 "
+                             "(or use torchrun --nnodes ... instead).")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        dist_url = args.dist_url
+    if n_local == 1:
+        _worker(0, main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size)
+    else:
+        torch.multiprocessing.spawn(_worker, nprocs=n_local,
+                                    args=(main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size))
+
+
+def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
+            rank_offset: int, world_size: int) -> None:
+    ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
+    try:
+        main_worker(args, ctx)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", rank_offset: int = 0,
+                     world_size: int = 1) -> DistContext:
+    """Create the process group (only when world size > 1) and pick this rank's device."""
+    if dist_url == "env://" and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    else:
+        rank = rank_offset + local_rank
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = dict(backend=backend, init_method=dist_url, timeout=datetime.timedelta(minutes=30))
+        if dist_url != "env://":
+            kwargs.update(rank=rank, world_size=world_size)
+        if use_cuda:
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0; the local shard keeps its autograd graph.
+
+    The other shards are constants, so each rank back-propagates only through its own rows; the training loss is
+    multiplied by the world size so that DDP's gradient averaging yields the gradient of the global loss.
+    """
+    world = get_world_size()
+    if world == 1:
+        return x
+    shards = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(shards, x.detach().contiguous())
+    shards[get_rank()] = x
+    return torch.cat(shards, dim=0)
+
+
+def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate possibly differently sized (along dim 0) tensors from all ranks, without gradient."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    sizes = [int(s.item()) for s in sizes]
+    max_n = max(sizes)
+    padded = torch.zeros((max_n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded.contiguous())
+    return torch.cat([s[:n] for s, n in zip(shards, sizes)], dim=0)
+
+
+def gather_by_index(feats: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Assemble a (total, ...) tensor on every rank from per-rank rows and their dataset indices.
+
+    Duplicate indices (from sampler padding) write the same row twice; a missing index is an error, never a
+    silent zero row.
+    """
+    all_feats = all_gather_tensor(feats)
+    all_idx = all_gather_tensor(indices.to(device=feats.device, dtype=torch.long))
+    out = torch.zeros((total, *feats.shape[1:]), dtype=feats.dtype, device=feats.device)
+    out.index_copy_(0, all_idx, all_feats)
+    seen = torch.zeros(total, dtype=torch.bool, device=feats.device)
+    seen[all_idx] = True
+    if not bool(seen.all()):
+        missing = torch.nonzero(~seen).flatten()[:5].tolist()
+        raise RuntimeError(f"feature gathering lost {int((~seen).sum())} item(s), e.g. indices {missing}")
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Broadcast a picklable object from ``src`` (works for gloo and nccl)."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(holder, src=src, device=device)
+    return holder[0]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x

@@ -1,0 +1,84 @@
+"""Distributed feature extraction shared by the PCA-learning and evaluation scripts.
+
+Each rank embeds its share of the dataset; rows are reassembled by dataset index on every rank, so the padding
+a distributed sampler adds never yields duplicate or zero rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from utils.distributed import DistContext, gather_by_index
+from utils.log import Throughput, progress
+from utils.runtime import autocast
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+PAPER_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+
+def distributed_loader(dataset: Dataset, ctx: DistContext, batch_size: int = 1, num_workers: int = 0,
+                       collate_fn: Callable | None = None) -> DataLoader:
+    """In-order loader over this rank's share (padded by the sampler; duplicates are harmless here)."""
+    sampler = None
+    if ctx.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False,
+                                     drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                      pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn,
+                      persistent_workers=False)
+
+
+def multiscale(embed: EmbedFn, x: torch.Tensor, scales: Sequence[float] = PAPER_SCALES,
+               post: EmbedFn | None = None) -> torch.Tensor:
+    """Mean over scales of L2(post(L2(embed(resize(x))))), then L2 — the paper's multi-scale descriptor.
+
+    ``post`` is the PCA-whitening of a teacher (then re-normalised per scale); ``None`` for students.
+    """
+    total = None
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        v = F.normalize(embed(xs).float(), dim=-1)
+        if post is not None:
+            v = F.normalize(post(v), dim=-1)
+        total = v if total is None else total + v
+    return F.normalize(total / len(scales), dim=-1)
+
+
+@torch.inference_mode()
+def extract_features(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, amp: str = "none",
+                     show_progress: bool = True, desc: str = "extract") -> torch.Tensor:
+    """Embed every item of ``loader`` (which yields ``(images, indices)``) -> (total, D) float32 CPU tensor.
+
+    The result is identical on every rank. ``embed`` maps a batch on ``ctx.device`` to (B, D).
+    """
+    feats, idxs = [], []
+    meter = Throughput()
+    bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
+    for images, indices in bar:
+        images = images.to(ctx.device, non_blocking=True)
+        with autocast(amp, ctx.device):
+            out = embed(images)
+        feats.append(out.float())
+        idxs.append(torch.as_tensor(indices, dtype=torch.long, device=ctx.device))
+        meter.update(images.shape[0])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(img_s=f"{meter.rate:.1f}")
+    if feats:
+        local = torch.cat(feats)
+        local_idx = torch.cat(idxs)
+    else:  # a rank with no items (more ranks than items)
+        dim = _probe_dim(embed, loader, ctx)
+        local = torch.zeros((0, dim), device=ctx.device)
+        local_idx = torch.zeros(0, dtype=torch.long, device=ctx.device)
+    return gather_by_index(local, local_idx, total).cpu()
+
+
+def _probe_dim(embed: EmbedFn, loader: DataLoader, ctx: DistContext) -> int:
+    images, _ = next(iter(DataLoader(loader.dataset, batch_size=1, collate_fn=loader.collate_fn)))
+    return int(embed(images.to(ctx.device)).shape[-1])

@@ -1,0 +1,99 @@
+"""Logging on rank 0: a console + file logger, a JSON-lines metrics writer and a progress bar."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from tqdm import tqdm
+
+LOGGER_NAME = "whiten_mtd"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(is_main: bool, log_file: str | os.PathLike | None = None) -> logging.Logger:
+    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks log warnings only."""
+    logger = get_logger()
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if is_main and log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_run_header(logger: logging.Logger, args: Any) -> None:
+    """What a reader of the log needs to reproduce the run: git revision and every argument."""
+    logger.info("git revision: %s", git_revision())
+    for key, value in sorted(vars(args).items()):
+        logger.info("  %s: %s", key, value)
+
+
+class MetricsWriter:
+    """Append one JSON object per line (rank 0 only; a no-op elsewhere)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def progress(iterable: Iterable, enabled: bool, total: int | None = None, desc: str = "",
+             unit: str = "it") -> Iterator:
+    """A tqdm bar on rank 0 (when enabled), the bare iterable elsewhere."""
+    if not enabled:
+        return iter(iterable)
+    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                     mininterval=1.0))
+
+
+class Throughput:
+    """Items per second since construction (or the last ``reset``)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.count = 0
+
+    def update(self, n: int) -> float:
+        self.count += n
+        return self.rate
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.count / elapsed if elapsed > 0 else 0.0

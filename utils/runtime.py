@@ -1,0 +1,40 @@
+"""Flags and helpers every script shares: seeding, mixed precision, progress switch, file trust."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from typing import ContextManager
+
+import numpy as np
+import torch
+
+from utils.distributed import add_distributed_args
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -> None:
+    """Flags common to the six scripts (all additive to the paper's own)."""
+    add_distributed_args(parser, dist_url=dist_url)
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=0, help="seed of every random generator (default 0)")
+    group.add_argument("--amp", type=str, default="none", choices=["none", "bf16", "fp16"],
+                       help="autocast precision for forward passes (default none = fp32, as the paper)")
+    group.add_argument("--no_progress", action="store_true", help="disable progress bars")
+    group.add_argument("--trust_checkpoint", action="store_true",
+                       help="load weight files with full unpickling (only for files you trust)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast(amp: str, device: torch.device) -> ContextManager:
+    """Autocast context for ``--amp``; ``none`` is a no-op (exact fp32)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cpu" and amp == "fp16":
+        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
+    return torch.autocast(device_type=device.type, dtype=dtype)
