@@ -48,11 +48,19 @@ def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{what} file {path} holds Python objects that a safe load refuses ({exc}). If you trust this file, "
-            "pass --trust_checkpoint to load it with full unpickling.") from exc
+            f"{what} file {path} holds Python objects that a safe load refuses ({_unpickler_reason(exc)}). If you "
+            "trust this file, pass --trust_checkpoint to load it with full unpickling.") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {what} file {path}: {exc}. The file may be truncated or not a "
                               "torch.save file; download or write it again.") from exc
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The informative part of torch's long weights-only refusal (which global, or which opcode)."""
+    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
+    useful = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation",
+                                                         "Please file an issue"))]
+    return "; ".join(useful) or paragraphs[0]
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

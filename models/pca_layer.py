@@ -1,0 +1,130 @@
+"""PCA-whitening of L2-normalised teacher descriptors, with the buffers of the published PCA files.
+
+Learning follows the paper's ``utils.PCA.train_pca`` step by step (float32 ``eigh`` of the biased covariance,
+eigenvalues below ``1e-5 * max`` raised to it, top ``dim2``, ``dvt = diag(d**-whit) @ V.T``) so the published
+numbers reproduce; unlike the paper, neither ``fit`` nor ``forward`` modifies the caller's tensor (B29).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.checkpoint import CheckpointError, load_file, save_atomic
+
+logger = logging.getLogger(__name__)
+
+# Published file names under --path_to_pretrained_weights (checkpoint_layouts.json "pca.files").
+PCA_FILES = {
+    "mocov3": "pca_weights/mocov3_pca_512d_svd_224x224_p1.pt",
+    "barlowtwins": "pca_weights/barlowtwins_pca_512d_svd_224x224_p1.pt",
+    "resnet101_gem": "pca_weights/resnet101_gem_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
+    "resnet101_ap_gem": "pca_weights/resnet101_ap_gem_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
+    "resnet101_solar": "pca_weights/resnet101_solar_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
+    "resnet101_delg": "pca_weights/resnet101_delg_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
+    "resnet101_dolg": "pca_weights/resnet101_dolg_pca_{embed_dim}d_gldv2_512x512_p3_global_randcrop.pt",
+}
+PCA_BUFFERS = ("dim1", "dim2", "whit", "d", "v", "n_0", "mean", "dvt")
+
+
+class PCAWhitening(nn.Module):
+    """``x -> (x - mean) @ dvt.T``: projection on the top ``dim2`` principal axes scaled by ``eigval**-whit``."""
+
+    def __init__(self, dim1: int, dim2: int, whit: float = 0.5) -> None:
+        super().__init__()
+        dim1, dim2 = int(dim1), int(dim2)
+        if dim1 <= 0 or dim2 <= 0 or dim2 > dim1:
+            raise ValueError(f"PCA-whitening needs 0 < dim2 <= dim1, got dim1={dim1}, dim2={dim2} "
+                             "(--embed_dim cannot exceed the teacher's descriptor size)")
+        # registration order and dtypes are those of the published files
+        self.register_buffer("dim1", torch.tensor(dim1, dtype=torch.long))
+        self.register_buffer("dim2", torch.tensor(dim2, dtype=torch.long))
+        self.register_buffer("whit", torch.tensor(whit, dtype=torch.float32))
+        self.register_buffer("d", torch.zeros(dim1, dtype=torch.float32))
+        self.register_buffer("v", torch.zeros(dim1, dim1, dtype=torch.float32))
+        self.register_buffer("n_0", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(1, dim1, dtype=torch.float32))
+        self.register_buffer("dvt", torch.zeros(dim2, dim1, dtype=torch.float32))
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.dim1)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.dim2)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> PCAWhitening:
+        """Learn mean and whitening from (N, dim1) features (already L2-normalised by the caller); returns self."""
+        dim1, dim2 = int(self.dim1), int(self.dim2)
+        if features.dim() != 2 or features.shape[1] != dim1:
+            raise ValueError(f"PCA fit expects (N, {dim1}) features, got {tuple(features.shape)}")
+        if features.shape[0] < 2:
+            raise ValueError(f"PCA fit needs at least 2 samples, got {features.shape[0]} (use more --num_samples)")
+        x = features.to(dtype=torch.float32)
+        mean = x.mean(dim=0, keepdim=True)
+        centred = x - mean  # a new tensor: the caller's features stay untouched
+        cov = centred.t().mm(centred) / centred.shape[0]
+        d, v = torch.linalg.eigh(cov)  # ascending eigenvalues
+        self.mean.copy_(mean)
+        self.d.copy_(d)  # raw eigh output, stored before clamping as in the paper (informational only)
+        self.v.copy_(v)
+
+        eps = d.max() * 1e-5
+        small = d < eps
+        self.n_0.fill_(int(small.sum()))
+        d = torch.where(small, eps, d)
+        total_energy = d.sum()
+        order = torch.argsort(d, descending=True)[:dim2]
+        d, v = d[order], v[:, order]
+        logger.info("PCA %d -> %d: keeping %.2f %% of the energy (%d eigenvalue(s) below eps raised to it)",
+                    dim1, dim2, float(d.sum() / total_energy * 100.0), int(self.n_0))
+        self.dvt.copy_(torch.diag(1.0 / d ** self.whit) @ v.t())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 even under autocast: a bf16 projection would lose the whitening's precision
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            centred = x.to(self.dvt.dtype) - self.mean
+            return torch.mm(self.dvt, centred.t()).t()
+
+    def extra_repr(self) -> str:
+        return f"dim1={int(self.dim1)}, dim2={int(self.dim2)}, whit={float(self.whit)}"
+
+
+def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int = 512) -> Path:
+    """Published PCA file of ``teacher`` (the mocov3/barlowtwins files exist for 512-d only and ignore embed_dim)."""
+    if teacher not in PCA_FILES:
+        raise ValueError(f"no PCA file name for teacher '{teacher}'; known: {', '.join(PCA_FILES)}")
+    return Path(weights_dir) / PCA_FILES[teacher].format(embed_dim=embed_dim)
+
+
+def load_pca_layer(path: str | os.PathLike, trust: bool = False) -> PCAWhitening:
+    """Read a PCA file (plain state_dict of the 8 buffers) strictly; the layer is built from its dim1/dim2."""
+    state = load_file(path, trust=trust, what="PCA-whitening")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"PCA-whitening file {path} holds a {type(state).__name__}, expected a state_dict "
+                              f"with buffers {list(PCA_BUFFERS)}")
+    missing = [k for k in PCA_BUFFERS if k not in state]
+    unexpected = sorted(set(state) - set(PCA_BUFFERS))
+    if missing or unexpected:
+        raise CheckpointError(f"PCA-whitening file {path}: missing buffer(s) {missing}, unexpected key(s) "
+                              f"{unexpected}; expected exactly {list(PCA_BUFFERS)} (write it with gld_pca_learn.py "
+                              "or svd_pca_learn.py)")
+    layer = PCAWhitening(int(state["dim1"]), int(state["dim2"]))
+    own = layer.state_dict()
+    bad = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
+           for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"PCA-whitening file {path}: inconsistent buffer shapes: {bad}")
+    layer.load_state_dict(state, strict=True)
+    return layer
+
+
+def save_pca_layer(layer: PCAWhitening, path: str | os.PathLike) -> None:
+    """Write the published format: ``torch.save(layer.state_dict())``, atomically."""
+    save_atomic({k: v.detach().cpu() for k, v in layer.state_dict().items()}, path)

@@ -1,0 +1,120 @@
+"""The seven frozen teachers of Whiten-MTD, loadable from the published weight files unchanged.
+
+``build_teacher(name, weights_dir)`` reads ``<weights_dir>/<TEACHER_FILES[name]>`` and applies the paper's key
+remapping: the keys its loader discards are discarded, every other key must match the module exactly (a missing,
+unexpected or misshapen key is a ``CheckpointError`` naming the file and the keys), and the file's learned GeM
+exponents are replaced by ``gem_p``. ``write_published_layout`` is the inverse: it writes a teacher as a file in the
+published container and key layout, including the keys the loader ignores, for tests and the demo.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.teachers.delg import RESNET101_DELG
+from models.teachers.dolg import RESNET101_DOLG
+from models.teachers.resnet_gem import RESNET101_AP_GEM, RESNET101_GEM
+from models.teachers.solar import RESNET101_SOLAR
+from models.teachers.spec import TeacherSpec, random_tensor
+from models.teachers.ssl import BARLOWTWINS, MOCOV3
+from utils.checkpoint import CheckpointError, check_keys, check_shapes, load_file, save_atomic
+
+__all__ = ["TEACHERS", "TEACHER_FILES", "TeacherSpec", "build_teacher", "teacher_from_checkpoint",
+           "published_checkpoint", "write_published_layout"]
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "resnet101_gem": RESNET101_GEM,
+    "resnet101_ap_gem": RESNET101_AP_GEM,
+    "resnet101_solar": RESNET101_SOLAR,
+    "resnet101_delg": RESNET101_DELG,
+    "resnet101_dolg": RESNET101_DOLG,
+    "mocov3": MOCOV3,
+    "barlowtwins": BARLOWTWINS,
+}
+TEACHER_FILES: dict[str, str] = {name: spec.file for name, spec in TEACHERS.items()}
+
+
+def _spec(name: str) -> TeacherSpec:
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; valid names: {', '.join(TEACHERS)}")
+    return TEACHERS[name]
+
+
+def build_teacher(name: str, weights_dir: str | os.PathLike | None = None, gem_p: float = 3.0,
+                  trust: bool = False) -> nn.Module:
+    """The teacher ``name`` in eval mode, with ``.embed_dim``. Input: ImageNet-normalised RGB (B, 3, H, W);
+    output: its raw global descriptor (B, embed_dim), before any L2/PCA. ``weights_dir=None``: random
+    initialisation (deterministic for torch's global seed), no file read."""
+    spec = _spec(name)
+    if weights_dir is None:
+        teacher = spec.build(gem_p=gem_p)
+        teacher.teacher_name = name
+        return teacher.eval()
+    path = Path(weights_dir) / spec.file
+    checkpoint = load_file(path, trust=trust, what=f"teacher {name}")
+    return teacher_from_checkpoint(name, checkpoint, gem_p=gem_p, source=f"teacher {name} file {path}")
+
+
+def teacher_from_checkpoint(name: str, checkpoint: Any, gem_p: float = 3.0, source: str | None = None) -> nn.Module:
+    """Build teacher ``name`` from an already loaded published checkpoint (the dict ``torch.load`` returns).
+
+    The module is built without initialising its weights (meta device) and takes the checkpoint's tensors."""
+    spec = _spec(name)
+    source = source or f"teacher {name} checkpoint"
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(spec.container), Mapping):
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointError(f"{source}: expected a dict with the entry '{spec.container}' holding the weights, "
+                              f"found {found}. Is this the published {spec.file}?")
+    dims = spec.read_dims(checkpoint, source)
+    with torch.device("meta"):
+        teacher = spec.build(gem_p=gem_p, **dims)
+    state = _module_state(spec, teacher, checkpoint[spec.container], source)
+    teacher.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in itertools.chain(teacher.named_parameters(), teacher.named_buffers()) if t.is_meta]
+    if leftover:  # a tensor outside the state_dict would stay uninitialised: a bug in the module, not the file
+        raise RuntimeError(f"teacher {name}: tensors not covered by the checkpoint: {leftover[:5]}")
+    teacher.teacher_name = name
+    return teacher.eval()
+
+
+def _module_state(spec: TeacherSpec, teacher: nn.Module, state: Mapping[str, Any], source: str
+                  ) -> dict[str, torch.Tensor]:
+    """The paper's remap in file-key terms: drop what its loader drops, require everything else to match."""
+    own = teacher.state_dict()
+    file_to_module = {spec.file_key(key): key for key in own}
+    kept = {key: value for key, value in state.items() if not spec.dropped(key)}
+    hint = f"The file must have the published layout of {spec.file}."
+    check_keys(set(file_to_module) | spec.required_extra, set(kept), source, hint)
+    not_tensors = [key for key, value in kept.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: entries that are not tensors: {not_tensors[:5]}. {hint}")
+    expected = {file_key: own[module_key] for file_key, module_key in file_to_module.items()}
+    expected.update({key: torch.empty(spec.extra_keys[key][0], device="meta") for key in spec.required_extra})
+    check_shapes(expected, kept, source, hint)
+    return {module_key: kept[file_key].to(own[module_key].dtype) for file_key, module_key in file_to_module.items()}
+
+
+def published_checkpoint(name: str, teacher: nn.Module) -> dict[str, Any]:
+    """The teacher's weights as the published file holds them: container entry, meta entries, and every published
+    key, the ones the loader ignores filled with random values (global torch RNG)."""
+    spec = _spec(name)
+    built_as = getattr(teacher, "teacher_name", name)
+    if not isinstance(teacher, spec.module_type) or built_as != name:
+        raise ValueError(f"write_published_layout({name!r}, ...) got a {type(teacher).__name__} built as "
+                         f"{built_as!r}; pass the teacher that build_teacher({name!r}) returned")
+    state = {spec.file_key(key): value.detach().to("cpu", copy=True) for key, value in teacher.state_dict().items()}
+    for key, (shape, dtype) in spec.extra_keys.items():
+        state[key] = random_tensor(shape, dtype)
+    return {**spec.write_meta(teacher), spec.container: state}
+
+
+def write_published_layout(name: str, teacher: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``teacher`` to ``path`` in the published file layout of ``name`` (atomically);
+    ``build_teacher(name, <folder of path>)`` reloads it identically when ``path`` is named ``TEACHER_FILES[name]``."""
+    save_atomic(published_checkpoint(name, teacher), path)

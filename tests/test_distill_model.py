@@ -1,0 +1,141 @@
+"""Distill model: student-only state_dict, frozen eval-mode teachers, PCA(L2(teacher(x))), DDP and SyncBN."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import models.teachers
+from models.distill_model import DistillModel, WhitenedTeachers
+from models.loss import MultiTeacherDistillLoss
+from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
+from models.students import build_student, student_checkpoint_state
+
+
+class TinyTeacher(nn.Module):
+    """Stand-in teacher with BN and dropout, whose outputs would change if it were left in train mode."""
+
+    def __init__(self, embed_dim: int = 12) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, embed_dim)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3))))
+
+
+def _tiny_teachers(seed: int = 0) -> WhitenedTeachers:
+    torch.manual_seed(seed)
+    teachers = {"t_a": TinyTeacher(12), "t_b": TinyTeacher(10)}
+    pcas = {}
+    for name, t in teachers.items():
+        t.bn.running_mean.uniform_(-0.2, 0.2)
+        pcas[name] = PCAWhitening(t.embed_dim, 6).fit(F.normalize(torch.randn(40, t.embed_dim), dim=1))
+    return WhitenedTeachers.from_modules(teachers, pcas)
+
+
+def _model(seed: int = 0) -> DistillModel:
+    return DistillModel(build_student("resnet18", embed_dim=16), _tiny_teachers(seed))
+
+
+def test_state_dict_holds_the_student_only():
+    model = _model()
+    keys = list(model.state_dict())
+    assert keys == ["base_encoder." + k for k in model.base_encoder.state_dict()]
+    assert {n for n, _ in model.named_parameters()} == {"base_encoder." + n for n, _ in
+                                                        model.base_encoder.named_parameters()}
+    other = _model(seed=1)
+    other.load_state_dict(model.state_dict())  # strict: nothing about the teachers is expected
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+
+
+def test_teachers_output_pca_of_l2_and_stay_frozen():
+    model = _model()
+    model.train()
+    teachers = model.teacher_encoders
+    teachers.train()
+    assert model.base_encoder.training and not teachers.training
+    assert not any(m.training for m in teachers.modules())
+    assert not any(p.requires_grad for p in teachers.parameters())
+    x1, x2 = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    s1, s2, t1, t2 = model(x1, x2)
+    assert s1.shape == (3, 16) and s1.requires_grad
+    for outs, x in ((t1, x1), (t2, x2)):
+        assert len(outs) == 2
+        for out, enc, pca in zip(outs, teachers.encoders, teachers.norm_layers):
+            assert not out.requires_grad
+            with torch.no_grad():
+                raw = enc.eval()(x)
+            unit = raw / raw.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(out, (unit - pca.mean) @ pca.dvt.T, rtol=1e-5, atol=1e-5)
+    loss = MultiTeacherDistillLoss(teachers=teachers.names)(s1, s2, t1, t2)["distill loss"]
+    loss.backward()
+    assert all(p.grad is None for p in teachers.parameters())
+    assert model.base_encoder.fc.weight.grad is not None
+
+
+def test_to_moves_teachers_and_syncbn_converts_only_the_student():
+    model = _model().to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.teacher_encoders.parameters())
+    model = model.to(torch.float32)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.base_encoder.modules())
+    teacher_bns = [m for m in converted.teacher_encoders.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert teacher_bns and not any(isinstance(m, nn.SyncBatchNorm) for m in teacher_bns)
+
+
+def test_ddp_single_process_gloo(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert list(ddp.state_dict()) == list(student_checkpoint_state(model.base_encoder))
+        ddp.train()
+        s1, s2, t1, t2 = ddp(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+        MultiTeacherDistillLoss(teachers=["t_a", "t_b"])(s1, s2, t1, t2)["distill loss"].backward()
+        assert all(p.grad is not None for p in model.base_encoder.parameters())
+        assert not model.teacher_encoders.training
+    finally:
+        dist.destroy_process_group()
+
+
+def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build_teacher(name, weights_dir=None, gem_p=3.0, trust=False):
+        calls.append((name, weights_dir, gem_p, trust))
+        torch.manual_seed(len(calls))
+        return TinyTeacher(12).eval()
+
+    monkeypatch.setattr(models.teachers, "build_teacher", fake_build_teacher)
+    with pytest.raises(FileNotFoundError, match="gld_pca_learn.py"):
+        WhitenedTeachers(["resnet101_gem"], tmp_path, gem_p=3.0, embed_dim=6)
+    pcas = {}
+    for name in ("resnet101_gem", "mocov3"):
+        pcas[name] = PCAWhitening(12, 6).fit(torch.randn(30, 12))
+        save_pca_layer(pcas[name], pca_weight_path(tmp_path, name, 6))
+    teachers = WhitenedTeachers(["resnet101_gem", "mocov3"], tmp_path, gem_p=1.0, embed_dim=6)
+    assert calls[-2:] == [("resnet101_gem", tmp_path, 1.0, False), ("mocov3", tmp_path, 1.0, False)]
+    assert teachers.embed_dims == [6, 6]
+    for name, layer in zip(teachers.names, teachers.norm_layers):
+        assert torch.equal(layer.dvt, pcas[name].dvt)
+
+
+def test_pca_teacher_mismatch_and_missing_pca_layers():
+    with pytest.raises(ValueError, match="expects 8-d"):
+        WhitenedTeachers.from_modules({"t": TinyTeacher(12)}, {"t": PCAWhitening(8, 4)})
+    with pytest.raises(ValueError, match="PCA layers must be given"):
+        WhitenedTeachers(["mocov3"], None)
+
+
+def test_real_teacher_random_init():
+    """Integration with the teacher package (random weights, no file): a ResNet50 SSL teacher."""
+    torch.manual_seed(0)
+    pca = PCAWhitening(2048, 8)
+    pca.dvt.copy_(torch.randn(8, 2048))
+    teachers = WhitenedTeachers(["mocov3"], None, pca_layers={"mocov3": pca})
+    (out,) = teachers(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 8) and not teachers.training
