@@ -1,0 +1,457 @@
+"""Revisited Oxford/Paris (+ R1M distractors): ground truth, images and the revisitop evaluation.
+
+Layout under ``--data_path`` (revisitop's): ``<name>/gnd_<name>.pkl``, ``<name>/jpg/<image>.jpg``,
+``revisitop1m/revisitop1m.txt`` (relative paths that already end in ``.jpg``) and ``revisitop1m/jpg/<path>``.
+
+Protocol notes:
+* The paper does not crop queries to ``bbx`` (facts §3.2); ``crop_queries=True`` gives the standard protocol.
+* ``compute_map`` is revisitop's metric (trapezoid AP, junk removed from the ranking, queries without positives
+  excluded). The evaluation itself never sorts the (database x query) score matrix: the rank of each labelled
+  item is the number of items that score strictly higher plus the number of equal-scoring items with a lower
+  database index, which is exactly its position in ``torch.argsort(-scores, dim=0, stable=True)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+DATASETS = ("roxford5k", "rparis6k")
+DISTRACTORS = "revisitop1m"
+KAPPAS = (1, 5, 10)
+MODES = ("E", "M", "H")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed."""
+
+
+class GroundTruthError(DatasetError):
+    """A ``gnd_<name>.pkl`` file is missing, unsafe or malformed."""
+
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ground truth
+# ---------------------------------------------------------------------------------------------------------------
+_SAFE_GLOBALS = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str",
+                              "bytes", "bytearray", "bool")
+} | {
+    ("__builtin__", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "long", "unicode",
+                                 "str", "bool")
+} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+} | {
+    (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")  # pickle protocol 5 buffers
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Plain containers, numbers, strings and numpy arrays/scalars only: a ground-truth file cannot run code."""
+
+    def __init__(self, file: Any, source: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):  # numpy >= 1.25 dtype classes
+            return super().find_class(module, name)
+        raise GroundTruthError(
+            f"{self.source}: refusing to unpickle the global '{module}.{name}'; a ground-truth file holds only "
+            "lists, dicts, numbers, strings and numpy arrays. Download gnd files from the revisitop site only.")
+
+
+def load_ground_truth(path: str | os.PathLike) -> dict:
+    """Read a revisitop ``gnd_<name>.pkl`` with a restricted unpickler and check its structure."""
+    path = Path(path)
+    if not path.is_file():
+        raise GroundTruthError(f"ground-truth file not found: {path}. Download the revisited dataset so that "
+                               f"{path.parent}/ holds gnd_{path.parent.name}.pkl and jpg/ (check -dp/--data_path).")
+    try:
+        with open(path, "rb") as f:
+            cfg = _RestrictedUnpickler(f, path).load()
+    except GroundTruthError:
+        raise
+    except Exception as exc:  # any decoding failure of an untrusted file
+        raise GroundTruthError(f"cannot read ground-truth file {path}: {exc}. The file is corrupt or not a "
+                               "revisitop gnd pickle.") from exc
+    _check_ground_truth(cfg, path)
+    return cfg
+
+
+def _check_ground_truth(cfg: Any, path: Path) -> None:
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        keys = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+        raise GroundTruthError(f"{path}: expected a dict with keys imlist, qimlist, gnd; got {keys}")
+    n_db, n_q = len(cfg["imlist"]), len(cfg["qimlist"])
+    if len(cfg["gnd"]) != n_q:
+        raise GroundTruthError(f"{path}: {len(cfg['gnd'])} gnd entries for {n_q} queries")
+    for q, entry in enumerate(cfg["gnd"]):
+        missing = {"easy", "hard", "junk"} - set(entry)
+        if missing:
+            raise GroundTruthError(f"{path}: gnd[{q}] lacks {sorted(missing)}")
+        for key in ("easy", "hard", "junk"):
+            idx = np.asarray(entry[key], dtype=np.int64).reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= n_db):
+                raise GroundTruthError(f"{path}: gnd[{q}]['{key}'] has indices outside the {n_db} database images")
+
+
+def revisited_ground_truth(gnd: Sequence[dict], mode: str) -> list[dict[str, np.ndarray]]:
+    """The ``{'ok', 'junk'}`` sets of revisitop's setups: Easy (ok easy; junk junk+hard), Medium (ok easy+hard;
+    junk junk), Hard (ok hard; junk junk+easy)."""
+    parts = {"E": (("easy",), ("junk", "hard")), "M": (("easy", "hard"), ("junk",)),
+             "H": (("hard",), ("junk", "easy"))}
+    if mode not in parts:
+        raise ValueError(f"unknown revisited mode {mode!r}; choose from {MODES}")
+    ok_keys, junk_keys = parts[mode]
+    cat = lambda g, keys: np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1) for k in keys])
+    return [{"ok": cat(g, ok_keys), "junk": cat(g, junk_keys)} for g in gnd]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------------------------
+class ImageList(Dataset):
+    """Images by path -> ``(tensor, index)``, optionally cropped to a box and shrunk with a LANCZOS thumbnail.
+
+    ``imsize`` bounds the long side (PIL ``thumbnail``: it only ever downsizes, as the paper). A cropped image is
+    bounded by ``imsize * max(crop) / max(full)`` instead, as cirtorch does, so a cropped query keeps the scale it
+    has inside an ``imsize`` full image.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Callable | None = None, imsize: int | None = None,
+                 boxes: Sequence[Sequence[float]] | None = None, where: str = "") -> None:
+        if boxes is not None and len(boxes) != len(paths):
+            raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
+        self.paths = list(paths)
+        self.transform = transform
+        self.imsize = imsize
+        self.boxes = boxes
+        self.where = where
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def missing(self) -> list[Path]:
+        return [p for p in self.paths if not p.is_file()]
+
+    def load(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}. {self.where}".strip())
+        try:
+            with Image.open(path) as raw:
+                img = raw.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise CorruptImageError(f"cannot decode image {path}: {exc}. The file is corrupt or truncated; "
+                                    "download it again.") from exc
+        full = max(img.size)
+        if self.boxes is not None:
+            img = img.crop(tuple(float(v) for v in self.boxes[index]))
+        if self.imsize is not None:
+            bound = self.imsize if self.boxes is None else self.imsize * max(img.size) / full
+            bound = max(1, math.floor(bound))
+            img.thumbnail((bound, bound), Image.Resampling.LANCZOS)
+        return img
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.load(index)
+        return (self.transform(img) if self.transform is not None else img), index
+
+
+class RevisitedDataset:
+    """One revisited dataset (``roxford5k``/``rparis6k``): names, ground truth and image lists."""
+
+    def __init__(self, root: str | os.PathLike, name: str) -> None:
+        self.root = Path(root)
+        self.name = name
+        self.folder = self.root / name
+        self.gnd_path = self.folder / f"gnd_{name}.pkl"
+        cfg = load_ground_truth(self.gnd_path)
+        self.imlist: list[str] = [str(n) for n in cfg["imlist"]]
+        self.qimlist: list[str] = [str(n) for n in cfg["qimlist"]]
+        self.gnd: list[dict] = list(cfg["gnd"])
+
+    @property
+    def n_database(self) -> int:
+        return len(self.imlist)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.qimlist)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / "jpg" / f"{name}.jpg"
+
+    def _where(self) -> str:
+        return (f"Expected the {self.name} images in {self.folder / 'jpg'} (download them there or fix "
+                "-dp/--data_path).")
+
+    def database(self, transform: Callable | None = None, imsize: int | None = None) -> ImageList:
+        return ImageList([self._path(n) for n in self.imlist], transform, imsize, where=self._where())
+
+    def queries(self, transform: Callable | None = None, imsize: int | None = None,
+                crop: bool = False) -> ImageList:
+        boxes = None
+        if crop:
+            if any("bbx" not in g for g in self.gnd):
+                raise GroundTruthError(f"{self.gnd_path}: query cropping needs a 'bbx' in every gnd entry")
+            boxes = [list(map(float, g["bbx"])) for g in self.gnd]
+        return ImageList([self._path(n) for n in self.qimlist], transform, imsize, boxes, where=self._where())
+
+    def ground_truth(self, mode: str) -> list[dict[str, np.ndarray]]:
+        return revisited_ground_truth(self.gnd, mode)
+
+
+def distractor_images(root: str | os.PathLike, transform: Callable | None = None,
+                      imsize: int | None = None) -> ImageList:
+    """The R1M distractors listed in ``<root>/revisitop1m/revisitop1m.txt`` (lines already end in ``.jpg``)."""
+    folder = Path(root) / DISTRACTORS
+    listing = folder / f"{DISTRACTORS}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"distractor list not found: {listing}. --plus1m needs revisitop1m.txt and the "
+                                f"images under {folder / 'jpg'} (check -dp/--data_path).")
+    with open(listing) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise DatasetError(f"distractor list {listing} is empty; download revisitop1m.txt again")
+    return ImageList([folder / "jpg" / n for n in names], transform, imsize,
+                     where=f"Expected the R1M distractors in {folder / 'jpg'} (download them there).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metric (revisitop contract)
+# ---------------------------------------------------------------------------------------------------------------
+def average_precision(ok_pos: np.ndarray, junk_pos: np.ndarray, n_ok: int,
+                      kappas: Sequence[int] = ()) -> tuple[float, np.ndarray]:
+    """AP and precision@k of one query from the sorted 0-based ranking positions of its ok and junk items.
+
+    Positives are first moved up by the number of junk items ranked before them; AP accumulates trapezoids of the
+    precision-recall curve with recall step ``1 / n_ok``; ``kq = min(max position (1-based), k)``.
+    """
+    ok_pos = np.sort(np.asarray(ok_pos, dtype=np.int64))
+    junk_pos = np.sort(np.asarray(junk_pos, dtype=np.int64))
+    pos = ok_pos - np.searchsorted(junk_pos, ok_pos, side="left")
+    j = np.arange(len(pos), dtype=np.float64)
+    r = pos.astype(np.float64)
+    prec0 = np.where(pos == 0, 1.0, j / np.maximum(r, 1.0))
+    prec1 = (j + 1) / (r + 1)
+    ap = float(np.sum((prec0 + prec1) * (1.0 / n_ok) / 2.0))
+    prs = np.zeros(len(kappas))
+    if len(pos):
+        one_based = pos + 1
+        for i, k in enumerate(kappas):
+            kq = min(int(one_based.max()), int(k))
+            prs[i] = np.count_nonzero(one_based <= kq) / kq
+    return ap, prs
+
+
+def map_from_positions(positions: Sequence[tuple[np.ndarray, np.ndarray]], gnd: Sequence[dict],
+                       kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """``(map, aps, pr, prs)`` as revisitop's ``compute_map`` from per-query ``(ok positions, junk positions)``."""
+    nq = len(gnd)
+    aps = np.zeros(nq)
+    prs = np.zeros((nq, len(kappas)))
+    for q in range(nq):
+        n_ok = np.asarray(gnd[q]["ok"]).reshape(-1).shape[0]
+        if n_ok == 0:  # no positives: excluded from the means
+            aps[q] = np.nan
+            prs[q] = np.nan
+            continue
+        aps[q], prs[q] = average_precision(*positions[q], n_ok, kappas)
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+def compute_map(ranks: np.ndarray, gnd: Sequence[dict],
+                kappas: Sequence[int] = ()) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """revisitop's ``compute_map``: ``ranks`` (db x queries, 0-based database indices, best first), ``gnd`` a list
+    of ``{'ok', 'junk'}``. Returns ``(map, aps, pr, prs)``; queries without positives get NaN and are excluded."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
+        raise ValueError(f"ranks must be (db, {len(gnd)} queries), got shape {ranks.shape}")
+    positions = []
+    for q, g in enumerate(gnd):
+        column = ranks[:, q]
+        ok = np.flatnonzero(np.isin(column, np.asarray(g["ok"]).reshape(-1)))
+        junk = np.flatnonzero(np.isin(column, np.asarray(g.get("junk", [])).reshape(-1)))
+        positions.append((ok, junk))
+    return map_from_positions(positions, gnd, kappas)
+
+
+def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The full-sort ranking, (db x queries): ties keep the lower database index first."""
+    return torch.argsort(-scores, dim=0, stable=True)
+
+
+def item_positions(scores: torch.Tensor, items: Sequence[np.ndarray], chunk_size: int = 65536) -> list[np.ndarray]:
+    """Positions (0-based) of ``items[q]`` (database indices) in the ranking of query ``q``, without sorting.
+
+    Equal to ``ranks_from_scores(scores)`` inverted at those items, ties included. Per query the item scores are
+    sorted (a few hundred values); the database is swept in chunks of rows and each score is bucketed among them
+    with ``searchsorted``, so memory is O(chunk x queries) and time O(db x queries x log(items)).
+    """
+    if scores.ndim != 2 or scores.shape[1] != len(items):
+        raise ValueError(f"scores must be (db, {len(items)} queries), got {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or infinite values; check the extracted features")
+    n_db, nq = scores.shape
+    device = scores.device
+    sizes = [len(np.asarray(it).reshape(-1)) for it in items]
+    width = max(sizes + [1])
+    idx = torch.zeros((nq, width), dtype=torch.long, device=device)
+    for q, it in enumerate(items):
+        idx[q, : sizes[q]] = torch.as_tensor(np.asarray(it, dtype=np.int64).reshape(-1), device=device)
+    item_scores = scores.gather(0, idx.T).T  # (nq, width); padding columns are ignored below
+    valid = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+    pad = torch.finfo(scores.dtype).max
+    thresholds = torch.sort(torch.where(valid, item_scores, torch.full_like(item_scores, pad)), dim=1).values
+    # bucket b of a database score = number of thresholds strictly below it; ties with a threshold are kept aside
+    counts = torch.zeros((nq, width + 1), dtype=torch.long, device=device)
+    offsets = torch.arange(nq, device=device)[:, None] * (width + 1)
+    ties: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in range(0, n_db, chunk_size):
+        block = scores[start:start + chunk_size].T.contiguous()  # (nq, c)
+        left = torch.searchsorted(thresholds, block, right=False)
+        counts += torch.bincount((left + offsets).flatten(), minlength=nq * (width + 1)).view(nq, width + 1)
+        tied = thresholds.gather(1, left.clamp(max=width - 1)) == block
+        q_t, j_t = torch.nonzero(tied, as_tuple=True)
+        ties.append((q_t, j_t + start, left[q_t, j_t]))
+    # strictly higher = database scores in buckets at or above the first bucket past the item's tie group
+    above = counts.flip(1).cumsum(1).flip(1)  # above[q, b] = #scores in buckets >= b
+    item_right = torch.searchsorted(thresholds, item_scores.contiguous(), right=True)
+    item_left = torch.searchsorted(thresholds, item_scores.contiguous(), right=False)
+    higher = above.gather(1, item_right)  # item_right <= width: padding never ties with a real score
+    tie_q, tie_j, tie_g = (torch.cat(t).cpu().numpy() for t in zip(*ties))
+    higher, item_left = higher.cpu().numpy(), item_left.cpu().numpy()
+    out = []
+    for q in range(nq):
+        it = np.asarray(items[q], dtype=np.int64).reshape(-1)
+        sel = tie_q == q
+        # (group, db index) pairs of this query's ties, sorted so a searchsorted counts lower indices per group
+        keys = tie_g[sel] * (n_db + 1) + tie_j[sel]
+        keys.sort()
+        own = item_left[q, : sizes[q]] * (n_db + 1)
+        before = np.searchsorted(keys, own + it, side="left") - np.searchsorted(keys, own, side="left")
+        out.append(higher[q, : sizes[q]] + before)
+    return out
+
+
+def positions_from_scores(scores: torch.Tensor, gnd_sets: Sequence[dict],
+                          chunk_size: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sorted ranking positions of each query's ok and junk items, as ``compute_map`` finds them in a full sort."""
+    ok = [np.unique(np.asarray(g["ok"], dtype=np.int64).reshape(-1)) for g in gnd_sets]
+    junk = [np.unique(np.asarray(g.get("junk", []), dtype=np.int64).reshape(-1)) for g in gnd_sets]
+    pos = item_positions(scores, [np.concatenate([o, j]) for o, j in zip(ok, junk)], chunk_size)
+    return [(np.sort(p[: len(o)]), np.sort(p[len(o):])) for p, o in zip(pos, ok)]
+
+
+@dataclass
+class RevisitedResult:
+    """E/M/H results of one evaluation; ``map``/``mpr`` are fractions (print them x100)."""
+
+    dataset: str
+    kappas: tuple[int, ...]
+    map: dict[str, float] = field(default_factory=dict)
+    mpr: dict[str, np.ndarray] = field(default_factory=dict)
+    aps: dict[str, np.ndarray] = field(default_factory=dict)
+    n_evaluated: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self, n_queries: int, n_database: int, n_distractors: int, protocol: dict) -> dict:
+        """SPEC §4's object: unrounded percentages (NaN -> null), the counts and the protocol."""
+        pct = lambda v: None if not math.isfinite(float(v)) else float(v) * 100
+        return {"dataset": self.dataset,
+                "map": {m: pct(self.map[m]) for m in MODES},
+                "mpr": {m: [pct(v) for v in self.mpr[m]] for m in MODES},
+                "kappas": list(self.kappas),
+                "n_queries": int(n_queries),
+                "n_evaluated": dict(self.n_evaluated),
+                "n_database": int(n_database),
+                "n_distractors": int(n_distractors),
+                "protocol": protocol}
+
+    def lines(self) -> list[str]:
+        """The two lines cirtorch/revisitop print (percent, 2 decimals)."""
+        pct = {m: np.around(self.map[m] * 100, decimals=2) for m in MODES}
+        mpr = {m: np.around(self.mpr[m] * 100, decimals=2) for m in MODES}
+        ks = "[" + " ".join(str(k) for k in self.kappas) + "]"
+        return [f">> {self.dataset}: mAP E: {pct['E']}, M: {pct['M']}, H: {pct['H']}",
+                f">> {self.dataset}: mP@k{ks} E: {mpr['E']}, M: {mpr['M']}, H: {mpr['H']}"]
+
+
+def evaluate_scores(scores: torch.Tensor, gnd: Sequence[dict], dataset: str = "",
+                    kappas: Sequence[int] = KAPPAS, chunk_size: int = 65536) -> RevisitedResult:
+    """E/M/H mAP and mP@k from a (database [+ distractors]) x queries score matrix, without a full sort."""
+    items = [np.unique(np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1)
+                                       for k in ("easy", "hard", "junk")])) for g in gnd]
+    pos = item_positions(scores, items, chunk_size)
+    lookup = [dict(zip(it.tolist(), p.tolist())) for it, p in zip(items, pos)]
+    result = RevisitedResult(dataset=dataset, kappas=tuple(int(k) for k in kappas))
+    for mode in MODES:
+        sets = revisited_ground_truth(gnd, mode)
+        positions = [(np.sort([lk[i] for i in np.unique(s["ok"])]).astype(np.int64),
+                      np.sort([lk[i] for i in np.unique(s["junk"])]).astype(np.int64)) for lk, s in zip(lookup, sets)]
+        result.map[mode], result.aps[mode], result.mpr[mode], _ = map_from_positions(positions, sets, kappas)
+        result.n_evaluated[mode] = int(np.count_nonzero(~np.isnan(result.aps[mode])))
+    return result
+
+
+def similarity(database: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """(db x queries) cosine similarity of L2-normalised features, as the paper scores."""
+    return F.normalize(database, dim=1) @ F.normalize(queries, dim=1).T
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(queries x k) best database indices per query, in the order of ``ranks_from_scores`` (ties included)."""
+    k = min(k, scores.shape[0])
+    out = []
+    for q in range(scores.shape[1]):
+        column = scores[:, q]
+        kth = torch.topk(column, k).values[-1]
+        cand = torch.nonzero(column >= kth).flatten()  # ascending index, so a stable sort keeps ties in order
+        order = torch.argsort(-column[cand], stable=True)
+        out.append(cand[order[:k]])
+    return torch.stack(out)
+
+
+def save_query_strips(out_dir: str | os.PathLike, dataset: RevisitedDataset, scores: torch.Tensor, k: int = 10,
+                      crop_queries: bool = False, distractors: ImageList | None = None) -> list[Path]:
+    """One PNG per query: the query (cropped as evaluated) and its top ``k`` results, framed by their Medium label
+    (positive = easy or hard, junk, negative; distractors are negatives)."""
+    from utils.visualize import save_retrieval_strip
+
+    out_dir = Path(out_dir)
+    queries, database = dataset.queries(crop=crop_queries), dataset.database()
+    best = top_k(scores, k).cpu().numpy()
+    written = []
+    for q, row in enumerate(best):
+        g = dataset.gnd[q]
+        positive = set(np.asarray(g["easy"]).reshape(-1).tolist()) | set(np.asarray(g["hard"]).reshape(-1).tolist())
+        junk = set(np.asarray(g["junk"]).reshape(-1).tolist())
+        results, captions = [], []
+        for r, i in enumerate(row.tolist()):
+            img = database.load(i) if i < dataset.n_database else distractors.load(i - dataset.n_database)
+            label = "positive" if i in positive else "junk" if i in junk else "negative"
+            results.append((img, label))
+            captions.append(f"#{r + 1} {float(scores[i, q]):.3f}")
+        name = f"{dataset.name}_q{q:03d}_{Path(dataset.qimlist[q]).name}.png"
+        written.append(save_retrieval_strip(out_dir / name, queries.load(q), results, captions=captions))
+    return written

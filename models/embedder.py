@@ -1,0 +1,100 @@
+"""Evaluation-time model: a student (``-a -r``) or a teacher (``-t``, optionally ``--pca``) with the paper's
+single- and multi-scale descriptors. Shared by ``oxford_paris_eval.py`` and ``svd_eval.py``.
+
+* single scale: student ``model(x)``; teacher ``model(x)``, or ``pca(L2(model(x)))`` with ``--pca``
+  (the scoring L2-normalises afterwards);
+* multi-scale: ``utils.features.multiscale`` (per scale L2, then PCA and L2 for a whitened teacher; mean; L2).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.features import PAPER_SCALES, multiscale
+
+
+class EmbedderConfigError(ValueError):
+    """Inconsistent model flags (``-a``/``-r``/``-t``/``--pca``)."""
+
+
+@dataclass
+class Embedder:
+    model: nn.Module
+    post: nn.Module | None
+    description: str
+
+    def to(self, device: torch.device) -> Embedder:
+        self.model.to(device)
+        if self.post is not None:
+            self.post.to(device)
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        if self.post is not None:
+            return int(self.post.dim2)
+        return int(self.model.embed_dim)
+
+    def single(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.post is not None:
+            out = self.post(F.normalize(out.float(), dim=-1))
+        return out
+
+    def multi(self, x: torch.Tensor, scales: Sequence[float] = PAPER_SCALES) -> torch.Tensor:
+        return multiscale(self.model, x, scales, post=self.post)
+
+
+def check_model_flags(arch: str | None, resume: str | None, teacher: str | None, pca: bool) -> None:
+    """The flag combinations the eval scripts accept (the paper asserted or crashed on the others, B16)."""
+    if arch is not None and teacher is not None:
+        raise EmbedderConfigError("-a/--arch and -t/--teacher are mutually exclusive: evaluate a student "
+                                  "(-a ARCH -r CKPT) or a teacher (-t NAME [--pca]).")
+    if arch is None and teacher is None:
+        raise EmbedderConfigError("give a model to evaluate: a student with -a ARCH -r CKPT, or a teacher with "
+                                  "-t NAME [--pca].")
+    if arch is not None and resume is None:
+        raise EmbedderConfigError(f"-a {arch} needs -r/--resume CKPT, the student checkpoint to evaluate "
+                                  "(a randomly initialised student is meaningless).")
+    if teacher is not None and resume is not None:
+        raise EmbedderConfigError("-r/--resume is for students (-a); a teacher's weights are read from "
+                                  "--path_to_pretrained_weights.")
+    if pca and teacher is None:
+        raise EmbedderConfigError("--pca applies to teachers only (-t NAME --pca); students are already "
+                                  "distilled into the whitened space.")
+
+
+def build_embedder(arch: str | None = None, resume: str | None = None, teacher: str | None = None,
+                   pca: bool = False, weights_dir: str | None = None, embed_dim: int = 512, gem_p: float = 3.0,
+                   trust: bool = False) -> Embedder:
+    """The model to evaluate, in eval mode on the CPU (call ``.to(device)``)."""
+    check_model_flags(arch, resume, teacher, pca)
+    if arch is not None:
+        from models.students import load_student
+
+        model = load_student(resume, arch, embed_dim=embed_dim, gem_p=gem_p, trust=trust)
+        return Embedder(model.eval(), None, f"student {arch} (embed_dim {embed_dim}, GeM p={gem_p:g}) from {resume}")
+
+    from models.teachers import build_teacher
+
+    model = build_teacher(teacher, weights_dir, gem_p=gem_p, trust=trust).eval()
+    where = f"from {weights_dir}" if weights_dir is not None else "randomly initialised"
+    description = f"teacher {teacher} (GeM p={gem_p:g}) {where}"
+    post = None
+    if pca:
+        if weights_dir is None:
+            raise EmbedderConfigError("--pca needs --path_to_pretrained_weights (the folder holding pca_weights/).")
+        from models.pca_layer import load_pca_layer, pca_weight_path
+
+        path = pca_weight_path(weights_dir, teacher, embed_dim)
+        post = load_pca_layer(path, trust=trust).eval()
+        if int(post.dim1) != int(model.embed_dim):
+            raise EmbedderConfigError(f"PCA-whitening file {path} expects {int(post.dim1)}-d inputs but teacher "
+                                      f"{teacher} outputs {int(model.embed_dim)}-d descriptors.")
+        description += f" + PCA-whitening {int(post.dim1)}->{int(post.dim2)} ({Path(path).name})"
+    return Embedder(model, post, description)

@@ -1,0 +1,177 @@
+"""Image retrieval evaluation on revisited Oxford/Paris (+ R1M), the paper's ``oxford_paris_eval.py``.
+
+    python oxford_paris_eval.py -a resnet18 -r CKPT -dp DATA --embed_dim 512 -ms -p 3
+    python oxford_paris_eval.py -t resnet101_delg --pca --path_to_pretrained_weights W -dp DATA -ms
+    torchrun --nproc_per_node=4 oxford_paris_eval.py ...
+
+Faithful to the paper by default: queries are not cropped (``--crop_queries`` for the standard protocol), images
+at full resolution unless ``--imsize``. Prints E/M/H mAP and mP@k in percent like revisitop/cirtorch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+
+from datasets.oxford_paris import (
+    DATASETS,
+    KAPPAS,
+    CorruptImageError,
+    DatasetError,
+    ImageList,
+    RevisitedDataset,
+    distractor_images,
+    evaluate_scores,
+    save_query_strips,
+    similarity,
+)
+from datasets.transforms import imagenet_normalize
+from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
+from models.students import STUDENT_ARCHS, TIMM_PREFIX
+from models.teachers import TEACHERS
+from utils.checkpoint import CheckpointError
+from utils.distributed import DistContext, barrier, launch
+from utils.features import PAPER_SCALES, distributed_loader, extract_features
+from utils.log import get_logger, log_run_header, setup_logging
+from utils.runtime import add_runtime_args, seed_everything
+
+USER_ERRORS = (CheckpointError, DatasetError, EmbedderConfigError, CorruptImageError, FileNotFoundError)
+
+
+def student_arch(value: str) -> str:
+    if value in STUDENT_ARCHS or (value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX)):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose from {', '.join(STUDENT_ARCHS)} "
+                                     "or timm:<model name>)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluation on roxford5k or rparis6k.")
+    parser.add_argument("-dp", "--data_path", default="/path/to/datasets", type=str,
+                        help="root holding <dataset>/gnd_<dataset>.pkl, <dataset>/jpg/ and revisitop1m/")
+    parser.add_argument("-d", "--dataset", default="roxford5k", type=str, choices=list(DATASETS))
+    parser.add_argument("-a", "--arch", default=None, type=student_arch, metavar="ARCH",
+                        help=f"student architecture: {', '.join(STUDENT_ARCHS)} or timm:<name> (needs -r)")
+    parser.add_argument("-t", "--teacher", default=None, type=str, choices=list(TEACHERS), metavar="NAME",
+                        help=f"teacher to evaluate instead of a student: {', '.join(TEACHERS)}")
+    parser.add_argument("--imsize", default=None, type=int,
+                        help="shrink images so the long side is at most this (LANCZOS); default: full resolution")
+    parser.add_argument("--num_workers", default=8, type=int, help="data loader workers per process")
+    parser.add_argument("-r", "--resume", default=None, type=str, help="student checkpoint to evaluate")
+    parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", type=str,
+                        help="folder of the published teacher files and pca_weights/")
+    parser.add_argument("-ms", "--multiscale", action="store_true", help="multi-scale descriptors (1, 1/sqrt2, 1/2)")
+    parser.add_argument("--embed_dim", default=512, type=int, help="student output / PCA dimension")
+    parser.add_argument("-p", default=3, type=float, help="GeM power")
+    parser.add_argument("--plus1m", action="store_true", help="add the revisitop1m distractors to the database")
+    parser.add_argument("--pca", action="store_true", help="PCA-whiten a teacher's descriptors")
+    parser.add_argument("--crop_queries", action="store_true",
+                        help="crop queries to their bbx (standard revisitop protocol; the paper does not)")
+    parser.add_argument("--output_json", default=None, type=str, help="write the results to this JSON file")
+    parser.add_argument("--visualize", default=None, type=str, metavar="DIR",
+                        help="write one PNG per query: the query and its top results framed by label")
+    parser.add_argument("--visualize_top", default=10, type=int, metavar="K", help="results per picture")
+    add_runtime_args(parser, dist_url="tcp://localhost:2023")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_model_flags(args.arch, args.resume, args.teacher, args.pca)
+    except EmbedderConfigError as exc:
+        parser.error(str(exc))
+    if args.imsize is not None and args.imsize <= 0:
+        parser.error(f"--imsize must be positive, got {args.imsize}")
+    if args.visualize_top <= 0:
+        parser.error(f"--visualize_top must be positive, got {args.visualize_top}")
+    return args
+
+
+def require_images(images: ImageList, what: str) -> None:
+    """Fail before extraction (which may take hours) when images are missing."""
+    missing = images.missing()
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} {what} image(s) not found, e.g. {missing[0]}. "
+                                f"{images.where}")
+
+
+def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
+    logger = get_logger()
+    embedder = build_embedder(arch=args.arch, resume=args.resume, teacher=args.teacher, pca=args.pca,
+                              weights_dir=args.path_to_pretrained_weights, embed_dim=args.embed_dim, gem_p=args.p,
+                              trust=args.trust_checkpoint).to(ctx.device)
+    logger.info("model: %s", embedder.description)
+    dataset = RevisitedDataset(args.data_path, args.dataset)
+    transform = T.Compose([T.ToTensor(), imagenet_normalize()])
+    parts = {"query": dataset.queries(transform, args.imsize, crop=args.crop_queries),
+             "database": dataset.database(transform, args.imsize)}
+    if args.plus1m:
+        parts["distractor"] = distractor_images(args.data_path, transform, args.imsize)
+    for name, images in parts.items():
+        if name != "distractor":  # 1M stat calls can be slow on network storage; distractors fail on access
+            require_images(images, name)
+        logger.info("%s: %d images", name, len(images))
+
+    embed = embedder.multi if args.multiscale else embedder.single
+    feats = {}
+    for name, images in parts.items():
+        loader = distributed_loader(images, ctx, batch_size=1, num_workers=args.num_workers)
+        feats[name] = extract_features(embed, loader, len(images), ctx, amp=args.amp,
+                                       show_progress=not args.no_progress, desc=name)
+    if ctx.is_main:
+        database = feats["database"]
+        if args.plus1m:
+            database = torch.cat([database, feats["distractor"]])
+        scores = similarity(database.to(ctx.device), feats["query"].to(ctx.device))
+        result = evaluate_scores(scores, dataset.gnd, args.dataset, KAPPAS)
+        for line in result.lines():
+            print(line, flush=True)
+        if args.output_json:
+            protocol = {"crop_queries": args.crop_queries, "imsize": args.imsize, "multiscale": args.multiscale,
+                        "scales": list(PAPER_SCALES) if args.multiscale else [1.0], "plus1m": args.plus1m,
+                        "model": embedder.description, "gem_p": args.p, "embed_dim": embedder.embed_dim,
+                        "amp": args.amp, "world_size": ctx.world_size}
+            record = result.to_json(dataset.n_queries, dataset.n_database,
+                                    len(parts["distractor"]) if args.plus1m else 0, protocol)
+            write_json(args.output_json, record)
+            logger.info("results written to %s", args.output_json)
+        if args.visualize:
+            written = save_query_strips(args.visualize, dataset, scores, args.visualize_top, args.crop_queries,
+                                        parts.get("distractor"))
+            logger.info("%d retrieval pictures written to %s", len(written), args.visualize)
+    barrier()
+
+
+def write_json(path: str, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
+    setup_logging(ctx.is_main)
+    if ctx.is_main:
+        log_run_header(get_logger(), args)
+    seed_everything(args.seed)
+    try:
+        evaluate(args, ctx)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"oxford_paris_eval.py: error: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    launch(main_worker, parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
