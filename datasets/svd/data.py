@@ -1,0 +1,207 @@
+"""SVD frame datasets: distillation frames (+ the paper's one-random-frame-per-video sampler), the PCA frame set,
+and whole test videos.
+
+Unlike the paper's ``Frame``/``Video`` (B22), every dataset here has a real ``__len__`` and integer indices:
+training frames are flat-indexed (``offset[video] + frame``), so a standard ``DataLoader`` with a batch sampler
+works and the loader's length is known.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from datasets.svd.meta import SVDMetaError, frame_path
+
+
+def read_frame(frame_root: str, video_id: str, index: int) -> Image.Image:
+    """One frame as RGB; a missing or unreadable file is an error naming it (never skipped)."""
+    path = frame_path(frame_root, video_id, index)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise SVDMetaError(f"frame file not found: {path}. The frame-count file promises it; check "
+                           "'frame_root_path' in the SVD yaml and the extracted frames.") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SVDMetaError(f"cannot read frame file {path} ({exc}); re-extract the frames of video "
+                           f"{video_id!r}.") from exc
+
+
+class TrainFrames(Dataset):
+    """Every frame of the training videos, flat-indexed: index ``offsets[v] + f`` is frame ``f`` of video ``v``.
+
+    With :class:`DistributedFrameSampler` each item is ``transform(frame)`` (the two distillation views).
+    """
+
+    def __init__(self, frame_root: str, video_ids: Sequence[str], frame_counts: Sequence[int],
+                 transform: Callable | None = None) -> None:
+        if len(video_ids) != len(frame_counts) or not video_ids:
+            raise ValueError("TrainFrames needs one frame count per video and at least one video")
+        self.frame_root = frame_root
+        self.video_ids = list(video_ids)
+        self.frame_counts = [int(n) for n in frame_counts]
+        self.offsets = [0, *accumulate(self.frame_counts)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Flat index -> (video id, frame number)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame index {index} out of range [0, {len(self)})")
+        v = bisect.bisect_right(self.offsets, index) - 1
+        return self.video_ids[v], index - self.offsets[v]
+
+    def __getitem__(self, index: int) -> Any:
+        img = read_frame(self.frame_root, *self.locate(index))
+        return self.transform(img) if self.transform is not None else img
+
+
+def two_view_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``(view1, view2)`` -> ``(x1, x2)``, the batch layout the training engine takes (as for GLDv2)."""
+    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+
+
+class DistributedFrameSampler(Sampler[list[int]]):
+    """The paper's ``DistributedFrameSampler`` (facts §4.3): one uniformly random frame per training video.
+
+    Per epoch the videos are permuted with a generator seeded ``seed + epoch + 1`` (the paper's SVD loop hands
+    its sampler the 1-based epoch), truncated to a multiple of the world size and dealt out as
+    ``perm[rank::world_size]``; batches hold ``batch_size`` videos (the last one may be smaller). The frame of
+    each video is drawn with a per-rank ``random.Random(seed + rank)`` (seed 0 = the paper's ``random.seed(rank)``)
+    whose state is saved with the checkpoint, so a resumed run draws the same frames.
+    """
+
+    def __init__(self, frame_counts: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.frame_counts = [int(n) for n in frame_counts]
+        if any(n < 1 for n in self.frame_counts):
+            raise ValueError("every training video needs at least one frame")
+        self.offsets = [0, *accumulate(self.frame_counts)]
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.videos_per_rank = len(self.frame_counts) // world_size
+        if self.videos_per_rank == 0:
+            raise SVDMetaError(f"{len(self.frame_counts)} training video(s) cannot be shared by {world_size} "
+                               "processes; use fewer processes or more data.")
+        self.frame_rng = random.Random(seed + rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """``epoch`` is 0-based (the training engine's count)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.videos_per_rank / self.batch_size)
+
+    def rank_videos(self) -> list[int]:
+        """Indices of the videos this rank visits this epoch, in order."""
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch + 1)
+        perm = torch.randperm(len(self.frame_counts), generator=gen).tolist()
+        return perm[: self.videos_per_rank * self.world_size][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.rank_videos()
+        for start in range(0, len(mine), self.batch_size):
+            yield [self.offsets[v] + self.frame_rng.randint(0, self.frame_counts[v] - 1)
+                   for v in mine[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""
+        version, internal, gauss = self.frame_rng.getstate()
+        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "frame_rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
+                             f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
+        self.epoch = int(state["epoch"])
+        version, internal, gauss = state["frame_rng"]
+        self.frame_rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+def sample_pca_frames(video_ids: Sequence[str], frame_counts: Sequence[int], per_video: int = 60,
+                      seed: int = 0) -> list[tuple[str, int]]:
+    """The SVD PCA frame set: ``min(per_video, n)`` distinct random frames of every video.
+
+    One ``random.Random(seed)`` in video order (seed 0 = the paper's ``random.seed(0)`` on rank 0), so every rank
+    computes the same list without a broadcast.
+    """
+    rng = random.Random(seed)
+    frames = []
+    for vid, n in zip(video_ids, frame_counts):
+        frames.extend((vid, f) for f in rng.sample(range(n), min(per_video, n)))
+    return frames
+
+
+class FrameList(Dataset):
+    """Explicit (video id, frame) pairs -> ``(transform(frame), index)`` (PCA learning)."""
+
+    def __init__(self, frame_root: str, frames: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
+        self.frame_root = frame_root
+        self.frames = list(frames)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = read_frame(self.frame_root, *self.frames[index])
+        return (self.transform(img) if self.transform is not None else img), index
+
+
+def eval_frame_indices(num_frames: int, max_frames: int = 60, stride: int = 1) -> range:
+    """Frames ``0, stride, ...`` below ``min(num_frames, max_frames)``: the *first* frames, as the paper."""
+    return range(0, min(num_frames, max_frames), stride)
+
+
+def frames_per_video(max_frames: int, stride: int) -> int:
+    """The most frames a test video can contribute (the padded length of frame-level descriptors)."""
+    return len(range(0, max_frames, stride))
+
+
+class VideoFrames(Dataset):
+    """Test videos: item ``i`` is ``(frames (n, 3, H, W), n, i)`` with the frames of :func:`eval_frame_indices`."""
+
+    def __init__(self, frame_root: str, video_ids: Sequence[str], frame_counts: Sequence[int],
+                 transform: Callable, max_frames: int = 60, stride: int = 1) -> None:
+        if max_frames < 1 or stride < 1:
+            raise ValueError(f"--max_frames and --stride must be >= 1, got {max_frames} and {stride}")
+        self.frame_root = frame_root
+        self.video_ids = list(video_ids)
+        self.frame_counts = [int(n) for n in frame_counts]
+        self.transform = transform
+        self.max_frames = max_frames
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        vid = self.video_ids[index]
+        frames = [self.transform(read_frame(self.frame_root, vid, f))
+                  for f in eval_frame_indices(self.frame_counts[index], self.max_frames, self.stride)]
+        return torch.stack(frames), len(frames), index
+
+
+def video_collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Videos -> (all their frames concatenated, per-video frame counts, dataset indices)."""
+    frames, lens, idx = zip(*samples)
+    return torch.cat(frames), torch.tensor(lens, dtype=torch.long), torch.tensor(idx, dtype=torch.long)

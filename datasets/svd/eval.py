@@ -1,0 +1,242 @@
+"""SVD video-retrieval scoring: video descriptors, query-candidate similarities, rankings and AP@k.
+
+Similarity functions (``sim_fn``), as in the paper's code:
+
+* ``fme`` / ``fmx``: one descriptor per video, the mean / element-wise max of its frame features, L2-normalised;
+  the similarity is the dot product.
+* ``sme`` / ``smx`` / ``cf``: the frame-to-frame dot products of every valid (query frame, candidate frame) pair
+  are reduced by their mean / max / chamfer mean (for each valid query frame the max over the valid candidate
+  frames, averaged over the valid query frames).
+
+The frame-level functions never build more than ``max_elements`` pair similarities at once: the candidates (and,
+if needed, the queries) are processed in chunks, each one matrix product plus vectorised masking.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from utils.distributed import DistContext, gather_by_index
+from utils.log import Throughput, progress
+from utils.runtime import autocast
+
+SIM_FNS = ("fme", "fmx", "sme", "smx", "cf")
+POOLED_SIM_FNS = ("fme", "fmx")
+DEFAULT_MAX_ELEMENTS = 2**26
+
+
+def _check_sim_fn(sim_fn: str) -> None:
+    if sim_fn not in SIM_FNS:
+        raise ValueError(f"unknown --sim_fn {sim_fn!r}; choose one of {', '.join(SIM_FNS)}")
+
+
+def _valid_mask(lens: torch.Tensor, num_frames: int, what: str, device: torch.device) -> torch.Tensor:
+    """(N,) lengths -> (N, F) bool mask of the valid frames; every video needs 1..F frames."""
+    lens = torch.as_tensor(lens).to(device=device, dtype=torch.long)
+    if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > num_frames):
+        raise ValueError(f"{what} lengths must lie in [1, {num_frames}] (the padded frame count); got "
+                         f"min {int(lens.min())}, max {int(lens.max())}")
+    return torch.arange(num_frames, device=device)[None, :] < lens[:, None]
+
+
+def pad_frames(frames: torch.Tensor, lens: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """Concatenated frame features (sum(lens), D) -> zero-padded (N, max_frames, D)."""
+    lens = torch.as_tensor(lens).long()
+    if int(lens.sum()) != frames.shape[0]:
+        raise ValueError(f"{frames.shape[0]} frame features but the lengths sum to {int(lens.sum())}")
+    mask = _valid_mask(lens, max_frames, "video", frames.device)
+    out = frames.new_zeros((lens.numel(), max_frames, frames.shape[-1]))
+    out[mask] = frames  # row-major mask order = concatenation order
+    return out
+
+
+def video_descriptors(frame_feats: torch.Tensor, lens: torch.Tensor, sim_fn: str) -> torch.Tensor:
+    """Padded frame features (N, F, D) -> what the similarity compares.
+
+    ``fme``/``fmx``: (N, D) mean / max over the valid frames, L2-normalised. Frame-level functions: (N, F, D)
+    with each valid frame L2-normalised and the padded rows zero.
+    """
+    _check_sim_fn(sim_fn)
+    mask = _valid_mask(lens, frame_feats.shape[1], "video", frame_feats.device)[..., None]
+    if sim_fn == "fme":
+        pooled = frame_feats.masked_fill(~mask, 0).sum(1) / mask.sum(1)
+        return F.normalize(pooled, dim=-1)
+    if sim_fn == "fmx":
+        return F.normalize(frame_feats.masked_fill(~mask, float("-inf")).amax(1), dim=-1)
+    return F.normalize(frame_feats, dim=-1).masked_fill(~mask, 0)
+
+
+def _frame_level_block(q: torch.Tensor, qmask: torch.Tensor, c: torch.Tensor, cmask: torch.Tensor,
+                       sim_fn: str) -> torch.Tensor:
+    """(q, Fq, D) x (c, Fc, D) -> (q, c) through one (q*Fq, D) @ (D, c*Fc) product."""
+    nq, fq, dim = q.shape
+    nc, fc, _ = c.shape
+    sims = (q.reshape(nq * fq, dim) @ c.reshape(nc * fc, dim).T).view(nq, fq, nc, fc)
+    qm = qmask[:, :, None, None]
+    cm = cmask[None, None, :, :]
+    if sim_fn == "smx":
+        return sims.masked_fill_(~(qm & cm), float("-inf")).amax(dim=(1, 3))
+    if sim_fn == "sme":
+        pairs = qmask.sum(1)[:, None] * cmask.sum(1)[None, :]
+        return sims.masked_fill_(~(qm & cm), 0).sum(dim=(1, 3)) / pairs
+    # chamfer: best candidate frame per query frame, averaged over the valid query frames
+    best = sims.masked_fill_(~cm, float("-inf")).amax(dim=3)  # (q, Fq, c)
+    return best.masked_fill_(~qmask[:, :, None], 0).sum(1) / qmask.sum(1)[:, None]
+
+
+def frame_level_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: torch.Tensor, clens: torch.Tensor,
+                           sim_fn: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """``sme``/``smx``/``cf`` of the given frames (no normalisation here) in chunks of <= max_elements pairs."""
+    if sim_fn not in ("sme", "smx", "cf"):
+        raise ValueError(f"frame-level similarity is sme, smx or cf, not {sim_fn!r}")
+    if max_elements < 1:
+        raise ValueError("max_elements must be positive")
+    nq, fq, _ = qfeats.shape
+    nc, fc, _ = cfeats.shape
+    qmask = _valid_mask(qlens, fq, "query", qfeats.device)
+    cmask = _valid_mask(clens, fc, "candidate", cfeats.device)
+    out = qfeats.new_empty((nq, nc))
+    per_pair = fq * fc
+    q_step = max(1, min(nq, max_elements // per_pair))
+    c_step = max(1, max_elements // (q_step * per_pair))
+    for q0 in range(0, nq, q_step):
+        for c0 in range(0, nc, c_step):
+            out[q0:q0 + q_step, c0:c0 + c_step] = _frame_level_block(
+                qfeats[q0:q0 + q_step], qmask[q0:q0 + q_step], cfeats[c0:c0 + c_step], cmask[c0:c0 + c_step],
+                sim_fn)
+    return out
+
+
+def descriptor_similarity(qdesc: torch.Tensor, qlens: torch.Tensor, cdesc: torch.Tensor, clens: torch.Tensor,
+                          sim_fn: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """(Q, C) similarities of descriptors made by ``video_descriptors``."""
+    _check_sim_fn(sim_fn)
+    if sim_fn in POOLED_SIM_FNS:
+        return qdesc @ cdesc.T
+    return frame_level_similarity(qdesc, qlens, cdesc, clens, sim_fn, max_elements)
+
+
+def video_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: torch.Tensor, clens: torch.Tensor,
+                     sim_fn: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """(Q, F, D), (C, F, D) zero-padded frame features with valid lengths -> (Q, C) similarities.
+
+    ``fme``/``fmx`` pool, L2-normalise and take dot products; ``sme``/``smx``/``cf`` compare the given (already
+    normalised) frames pair by pair.
+    """
+    _check_sim_fn(sim_fn)
+    if sim_fn in POOLED_SIM_FNS:
+        return video_descriptors(qfeats, qlens, sim_fn) @ video_descriptors(cfeats, clens, sim_fn).T
+    return frame_level_similarity(qfeats, qlens, cfeats, clens, sim_fn, max_elements)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed extraction: each rank embeds its share of the videos (all frames of a batch of videos go through the
+# model together); query descriptors are assembled on every rank, candidates are scored against all queries as
+# they are embedded, so only (Q, C) similarities are ever gathered, never all candidates' frame features.
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _embedded_videos(embed: EmbedFn, loader: DataLoader, ctx: DistContext, sim_fn: str, num_frames: int,
+                     amp: str, show_progress: bool, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Per batch of this rank: (descriptors, lengths, dataset indices) on ``ctx.device``.
+
+    ``loader`` yields ``(frames of all its videos concatenated, frames per video, dataset indices)``.
+    """
+    bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
+    meter = Throughput()
+    for frames, lens, indices in bar:
+        with autocast(amp, ctx.device):
+            out = embed(frames.to(ctx.device, non_blocking=True))
+        meter.update(frames.shape[0])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(frames_s=f"{meter.rate:.1f}")
+        lens = lens.to(ctx.device)
+        yield video_descriptors(pad_frames(out.float(), lens, num_frames), lens, sim_fn), lens, indices.to(ctx.device)
+
+
+@torch.inference_mode()
+def extract_video_descriptors(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, sim_fn: str,
+                              num_frames: int, amp: str = "none", show_progress: bool = True,
+                              desc: str = "queries") -> tuple[torch.Tensor, torch.Tensor]:
+    """(descriptors, lengths) of all ``total`` videos of ``loader.dataset``, identical on every rank."""
+    descs, lens, idxs = zip(*_embedded_videos(embed, loader, ctx, sim_fn, num_frames, amp, show_progress, desc))
+    idx = torch.cat(idxs)
+    return gather_by_index(torch.cat(descs), idx, total), gather_by_index(torch.cat(lens), idx, total)
+
+
+@torch.inference_mode()
+def score_videos(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, qdesc: torch.Tensor,
+                 qlens: torch.Tensor, sim_fn: str, num_frames: int, amp: str = "none", show_progress: bool = True,
+                 desc: str = "candidates", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """(Q, total) similarities of the queries to every video of ``loader.dataset`` (CPU, identical on all ranks)."""
+    cols, idxs = [], []
+    for cdesc, clens, idx in _embedded_videos(embed, loader, ctx, sim_fn, num_frames, amp, show_progress, desc):
+        cols.append(descriptor_similarity(qdesc, qlens, cdesc, clens, sim_fn, max_elements).T.contiguous())
+        idxs.append(idx)
+    return gather_by_index(torch.cat(cols), torch.cat(idxs), total).T.cpu()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rankings and AP@k (the paper's APScorer)
+
+
+def average_precision(sorted_labels: Sequence[int] | np.ndarray, k: int | None = None) -> float:
+    """AP of a ranked label list cut at ``k`` (None = the whole list), normalised by the relevant items that
+    lie *within* the top k (the paper's protocol); 0 when there are none."""
+    labels = np.asarray(sorted_labels)[:k] > 0
+    n_rel = int(labels.sum())
+    if n_rel == 0:
+        return 0.0
+    ranks = np.flatnonzero(labels) + 1  # 1-based positions of the relevant items
+    return float((np.arange(1, n_rel + 1) / ranks).sum() / n_rel)
+
+
+def check_topk(topk: Sequence[int]) -> list[int]:
+    bad = [k for k in topk if not isinstance(k, (int, np.integer)) or k <= 0]
+    if bad:
+        raise ValueError(f"--topk values must be positive integers, got {bad}")
+    return [int(k) for k in topk]
+
+
+def build_rankings(query_ids: Sequence[str], gt: dict[str, dict[str, int]], labeled_ids: Sequence[str],
+                   labeled_sims: torch.Tensor, unlabeled_sims: torch.Tensor | None = None) -> list[np.ndarray]:
+    """Each query's candidate labels sorted by descending similarity (ties keep candidate order).
+
+    A labeled candidate takes part only if the query's ground truth names it (with its label); every unlabeled
+    video (``unlabeled_sims`` given: the full evaluation) takes part with label 0. Similarities are (Q, L), (Q, U).
+    """
+    labeled_sims = labeled_sims.detach().cpu().numpy()
+    unlabeled = None if unlabeled_sims is None else unlabeled_sims.detach().cpu().numpy()
+    column = {cid: j for j, cid in enumerate(labeled_ids)}
+    rankings = []
+    for qi, qid in enumerate(query_ids):
+        truth = gt.get(qid, {})
+        cols = sorted(column[cid] for cid in truth if cid in column)  # candidate order, for stable ties
+        scores = labeled_sims[qi, cols].astype(np.float64)
+        labels = np.array([truth[labeled_ids[j]] for j in cols], dtype=np.int64)
+        if unlabeled is not None:
+            scores = np.concatenate([scores, unlabeled[qi].astype(np.float64)])
+            labels = np.concatenate([labels, np.zeros(unlabeled.shape[1], dtype=np.int64)])
+        order = np.argsort(-scores, kind="stable")
+        rankings.append(labels[order])
+    return rankings
+
+
+def mean_average_precision(rankings: Sequence[np.ndarray], topk: Sequence[int]) -> dict[str, float]:
+    """{'top-<k>': mAP@k for each k, 'top-inf': mAP over the full lists}, as fractions."""
+    topk = check_topk(topk)
+    if not rankings:
+        raise ValueError("no queries to evaluate")
+    result = {f"top-{k}": float(np.mean([average_precision(r, k) for r in rankings])) for k in topk}
+    result["top-inf"] = float(np.mean([average_precision(r) for r in rankings]))
+    return result
+
+
+def format_map(result: dict[str, float]) -> str:
+    """``top-100 mAP: 0.xxxx | top-inf mAP: 0.xxxx`` (the paper's log line)."""
+    return " | ".join(f"{name} mAP: {value:.4f}" for name, value in result.items())

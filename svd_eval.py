@@ -1,0 +1,140 @@
+"""Near-duplicate video retrieval on SVD (the paper's svd_eval.py).
+
+Example (the paper's README): python svd_eval.py -a resnet18 -r CKPT -dm config/svd.yaml --sim_fn cf --embed_dim 512
+A teacher: python svd_eval.py -t mocov3 --pca --path_to_pretrained_weights W
+Protocol as the paper: the first --max_frames frames of each video (every --stride-th), Resize(256) +
+CenterCrop(224) + ToTensor without Normalize (--input_norm imagenet adds it), AP@k normalised by the relevant
+videos inside the top k. Prints ``top-100 mAP: 0.xxxx | top-inf mAP: 0.xxxx``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from datasets.svd.data import VideoFrames, frames_per_video, video_collate
+from datasets.svd.eval import (
+    DEFAULT_MAX_ELEMENTS,
+    SIM_FNS,
+    build_rankings,
+    extract_video_descriptors,
+    format_map,
+    mean_average_precision,
+    score_videos,
+)
+from datasets.svd.meta import SVDMeta, SVDMetaError
+from datasets.transforms import svd_test_transform
+from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
+from utils.distributed import DistContext, launch
+from utils.features import distributed_loader
+from utils.log import log_run_header, setup_logging
+from utils.runtime import add_runtime_args, seed_everything
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from models.teachers import TEACHERS
+
+    parser = argparse.ArgumentParser(description="Video retrieval evaluation on SVD.")
+    parser.add_argument("-a", "--arch", default=None, metavar="ARCH",
+                        help="student to evaluate: resnet18, resnet34 or timm:<name> (with -r)")
+    parser.add_argument("-t", "--teacher", default=None, choices=list(TEACHERS), metavar="NAME",
+                        help=f"teacher to evaluate instead: {', '.join(TEACHERS)}")
+    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE",
+                        help="SVD metadata yaml (keys of config/svd.yaml)")
+    parser.add_argument("--max_frames", type=int, default=60, help="use the first N frames of each video")
+    parser.add_argument("--stride", type=int, default=1, help="take every N-th of those frames")
+    parser.add_argument("-b", "--batch_size", type=int, default=16, help="videos per batch and process")
+    parser.add_argument("--num_workers", type=int, default=8, help="data loader workers per process")
+    parser.add_argument("--topk", type=int, nargs="+", default=[100], metavar="K",
+                        help="report mAP@K for each K (besides top-inf, the full ranking)")
+    parser.add_argument("--sim_fn", default="fmx", choices=SIM_FNS,
+                        help="fme/fmx: mean/max-pooled video descriptors; sme/smx/cf: mean/max/chamfer over "
+                             "frame pairs (default fmx as the paper's code; its README uses cf)")
+    parser.add_argument("--subset_eval", action="store_true",
+                        help="rank the labeled candidates only (no unlabeled distractors)")
+    parser.add_argument("-r", "--resume", default=None, metavar="CKPT", help="student checkpoint (with -a)")
+    parser.add_argument("--embed_dim", type=int, default=512, help="student / PCA output dimension")
+    parser.add_argument("-p", type=float, default=1.0, help="GeM power (the paper: 1 for SVD)")
+    parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", metavar="DIR",
+                        help="folder of the teacher files and pca_weights/ (with -t)")
+    parser.add_argument("--pca", action="store_true", help="whiten a teacher's frame descriptors with its PCA file")
+    parser.add_argument("--input_norm", default="none", choices=["none", "imagenet"],
+                        help="none: ToTensor only, as the paper's evaluation (B15); imagenet: add the ImageNet "
+                             "normalisation the models were trained with")
+    parser.add_argument("--crop_size", type=int, default=224,
+                        help="CenterCrop size after Resize(crop*256/224) (the paper: 224)")
+    parser.add_argument("--max_elements", type=int, default=DEFAULT_MAX_ELEMENTS,
+                        help="frame-level similarities: most frame pairs held in memory at once")
+    parser.add_argument("--output_json", default=None, metavar="FILE", help="write the results as JSON")
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    if any(k <= 0 for k in args.topk):
+        parser.error(f"--topk values must be positive integers, got {args.topk}")
+    for flag in ("max_frames", "stride", "batch_size", "crop_size", "max_elements"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    try:
+        check_model_flags(args.arch, args.resume, args.teacher, args.pca)
+    except EmbedderConfigError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main_worker(args: argparse.Namespace, ctx: DistContext) -> dict | None:
+    logger = setup_logging(ctx.is_main)
+    log_run_header(logger, args)
+    seed_everything(args.seed)
+    meta = SVDMeta.from_yaml(args.dataset_meta)
+    queries, labeled = meta.test_query_ids, meta.test_labeled_ids
+    unlabeled = [] if args.subset_eval else meta.unlabeled_ids
+    if not queries:
+        raise SVDMetaError(f"the test ground truth of {args.dataset_meta} lists no query")
+    query_counts = meta.check_videos(queries, "test query")
+    candidates = labeled + unlabeled
+    candidate_counts = meta.check_videos(candidates, "test candidate")
+    logger.info("SVD: %d queries, %d labeled candidates, %d distractors (%s evaluation)", len(queries), len(labeled),
+                len(unlabeled), "subset" if args.subset_eval else "full")
+
+    weights = args.path_to_pretrained_weights if args.teacher is not None else None
+    embedder = build_embedder(args.arch, args.resume, args.teacher, args.pca, weights, args.embed_dim, args.p,
+                              args.trust_checkpoint).to(ctx.device)
+    logger.info("model: %s", embedder.description)
+    transform = svd_test_transform(args.input_norm, args.crop_size)
+    num_frames = frames_per_video(args.max_frames, args.stride)
+
+    def loader(ids: list[str], counts: list[int]):
+        videos = VideoFrames(meta.frame_root, ids, counts, transform, args.max_frames, args.stride)
+        return distributed_loader(videos, ctx, args.batch_size, args.num_workers, collate_fn=video_collate)
+
+    common = dict(ctx=ctx, sim_fn=args.sim_fn, num_frames=num_frames, amp=args.amp,
+                  show_progress=not args.no_progress)
+    qdesc, qlens = extract_video_descriptors(embedder.single, loader(queries, query_counts), len(queries),
+                                             desc="queries", **common)
+    sims = score_videos(embedder.single, loader(candidates, candidate_counts), len(candidates), qdesc=qdesc,
+                        qlens=qlens, desc="candidates", max_elements=args.max_elements, **common)
+    if not ctx.is_main:
+        return None
+    rankings = build_rankings(queries, meta.test_groundtruth, labeled, sims[:, :len(labeled)],
+                              None if args.subset_eval else sims[:, len(labeled):])
+    result = mean_average_precision(rankings, args.topk)
+    print(format_map(result), flush=True)
+    if args.output_json:
+        record = {"sim_fn": args.sim_fn, "map": result, "n_queries": len(queries), "n_candidates": len(candidates)}
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+        logger.info("wrote %s", args.output_json)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        launch(main_worker, args)
+    except (SVDMetaError, ConfigError, CheckpointError, EmbedderConfigError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
