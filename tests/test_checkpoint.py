@@ -1,6 +1,5 @@
 """Checkpoint I/O: atomic writes never leave a torn file; safe loads refuse code and name the file."""
 import os
-import pickle
 
 import pytest
 import torch

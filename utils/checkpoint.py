@@ -108,7 +108,8 @@ def check_shapes(module_state: dict[str, torch.Tensor], loaded: dict[str, torch.
     bad = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}"
            for k, v in module_state.items() if k in loaded and tuple(loaded[k].shape) != tuple(v.shape)]
     if bad:
-        raise CheckpointError(f"{source}: {len(bad)} shape mismatch(es), e.g. {bad[:3]}" + (f". {hint}" if hint else ""))
+        suffix = f". {hint}" if hint else ""
+        raise CheckpointError(f"{source}: {len(bad)} shape mismatch(es), e.g. {bad[:3]}{suffix}")
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:

@@ -6,7 +6,7 @@ a distributed sampler adds never yields duplicate or zero rows.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

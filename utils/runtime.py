@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(amp: str, device: torch.device) -> ContextManager:
+def autocast(amp: str, device: torch.device) -> AbstractContextManager:
     """Autocast context for ``--amp``; ``none`` is a no-op (exact fp32)."""
     if amp == "none":
         return contextlib.nullcontext()
