@@ -14,8 +14,9 @@ import argparse
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,8 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
                          "process(es) per node; --world_size is the total number of processes over all nodes.")
     if world_size > 1 and args.dist_url == "env://":
         if world_size != n_local:
-            raise SystemExit("a manual multi-node launch needs --dist_url tcp://HOST:PORT of node 0 "
+            raise SystemExit(f"--world_size {world_size} but this node starts {n_local} process(es): "
+                             "a manual multi-node launch needs --dist_url tcp://HOST:PORT of node 0 "
                              "(or use torchrun --nnodes ... instead).")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     else:

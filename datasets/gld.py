@@ -1,0 +1,195 @@
+"""Google Landmarks v2 (clean): landmark groups, image files and the paper's distributed pair sampler (§3.1, §4.3).
+
+On disk, rooted at ``--gld_root_path``:
+``meta/train_clean.csv`` (columns ``landmark_id,images``; ``images`` = space-separated ids),
+``meta/train_clean_ids.txt`` (one id per line; used for PCA learning) and ``train/{i[0]}/{i[1]}/{i[2]}/{i}.jpg``.
+
+Unlike the paper's code, the pair dataset is indexed by integers and has a real ``__len__`` (B21, B23), and
+the sampler keeps its own pair-choosing RNG so that a resumed run draws the same pairs as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from utils.log import get_logger
+
+CSV_NAME = "meta/train_clean.csv"
+IDS_NAME = "meta/train_clean_ids.txt"
+
+
+class GLDDataError(ValueError):
+    """The GLDv2 folder is incomplete or malformed (the message names the file)."""
+
+
+def image_path(root: str | Path, image_id: str) -> Path:
+    """The official GLDv2 layout: ``train/a/b/c/abc....jpg``."""
+    if len(image_id) < 3:
+        raise GLDDataError(f"GLDv2 image id {image_id!r} is shorter than 3 characters; the layout "
+                           "train/{id[0]}/{id[1]}/{id[2]}/{id}.jpg needs at least 3")
+    return Path(root) / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; a missing or corrupt file is an error naming the file (never skipped)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise GLDDataError(f"image file not found: {path}. Check --gld_root_path and the dataset download.") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise GLDDataError(f"cannot read image file {path} ({exc}); the file is corrupt or not an image. "
+                           "Re-download it or remove its id from the metadata.") from exc
+
+
+def read_groups(root: str | Path, min_images: int = 2) -> list[list[str]]:
+    """Landmark groups of ``meta/train_clean.csv``; groups with fewer than ``min_images`` images are dropped."""
+    path = Path(root) / CSV_NAME
+    if not path.is_file():
+        raise GLDDataError(f"GLDv2 metadata file not found: {path}. --gld_root_path must contain {CSV_NAME}.")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "images" not in [c.strip() for c in reader.fieldnames]:
+            raise GLDDataError(f"{path} has no 'images' column (header: {reader.fieldnames}); expected the GLDv2 "
+                               "train_clean.csv header 'landmark_id,images'.")
+        reader.fieldnames = [c.strip() for c in reader.fieldnames]
+        groups = [(row["images"] or "").split() for row in reader]
+    kept = [g for g in groups if len(g) >= min_images]
+    if not kept:
+        raise GLDDataError(f"{path} has no landmark with at least {min_images} images ({len(groups)} rows read); "
+                           "distillation needs two images of the same landmark per pair.")
+    get_logger().info("GLDv2: %d landmark groups with >= %d images (%d of %d rows dropped as too small), %d images",
+                      len(kept), min_images, len(groups) - len(kept), len(groups), sum(len(g) for g in kept))
+    return kept
+
+
+def read_image_ids(root: str | Path) -> list[str]:
+    """All ids of ``meta/train_clean_ids.txt`` (one per line; blank lines are not ids)."""
+    path = Path(root) / IDS_NAME
+    if not path.is_file():
+        raise GLDDataError(f"GLDv2 id list not found: {path}. --gld_root_path must contain {IDS_NAME} "
+                           "(one image id per line, e.g. all ids of meta/train_clean.csv).")
+    with open(path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise GLDDataError(f"{path} lists no image ids")
+    return ids
+
+
+class GLDPairDataset(Dataset):
+    """The images of the landmark groups, flattened and indexed by integer; ``groups`` holds those indices."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None,
+                 groups: Sequence[Sequence[str]] | None = None) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        id_groups = read_groups(root) if groups is None else groups
+        self.image_ids: list[str] = []
+        self.groups: list[list[int]] = []
+        for group in id_groups:
+            start = len(self.image_ids)
+            self.image_ids.extend(group)
+            self.groups.append(list(range(start, len(self.image_ids))))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        img = read_image(image_path(self.root, self.image_ids[index]))
+        return self.transform(img) if self.transform is not None else img
+
+
+class GLDImageDataset(Dataset):
+    """A list of GLDv2 image ids (PCA learning): yields ``(image, index)``."""
+
+    def __init__(self, root: str | Path, ids: Sequence[str], transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        self.ids = list(ids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = read_image(image_path(self.root, self.ids[index]))
+        return (self.transform(img) if self.transform is not None else img), index
+
+
+def pair_collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the sampler (b first images, then b second images) -> ``(x1, x2)``."""
+    batch = torch.stack(samples)
+    half = batch.shape[0] // 2
+    return batch[:half], batch[half:]
+
+
+class DistributedGroupSampler(Sampler[list[int]]):
+    """Batches of landmark pairs, each rank on its own share of the groups (the paper's sampler, facts §4.3).
+
+    Per epoch the groups are permuted with a generator seeded ``seed + epoch``, truncated to a multiple of the
+    world size and dealt out as ``perm[rank::world_size]``; batches hold ``batch_size`` groups (the last one may
+    be smaller). Two distinct images of each group are drawn with a per-rank ``random.Random(seed + rank)``
+    (seed 0 = the paper's ``random.seed(rank)``). A batch lists the first images, then the second images.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[int]], batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        small = [i for i, g in enumerate(groups) if len(g) < 2]
+        if small:
+            raise ValueError(f"{len(small)} group(s) have fewer than 2 images (e.g. group {small[0]}); "
+                             "pairs need two images of the same landmark")
+        self.groups = [list(g) for g in groups]
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.groups_per_rank = len(self.groups) // world_size
+        if self.groups_per_rank == 0:
+            raise GLDDataError(f"{len(self.groups)} landmark group(s) cannot be shared by {world_size} processes; "
+                               "use fewer processes or more data.")
+        self.pair_rng = random.Random(seed + rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.groups_per_rank / self.batch_size)
+
+    def rank_groups(self) -> list[int]:
+        """Indices of the groups this rank visits this epoch, in order."""
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.groups), generator=gen).tolist()
+        return perm[: self.groups_per_rank * self.world_size][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.rank_groups()
+        for start in range(0, len(mine), self.batch_size):
+            pairs = [self.pair_rng.sample(self.groups[g], 2) for g in mine[start:start + self.batch_size]]
+            yield [p[0] for p in pairs] + [p[1] for p in pairs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""
+        version, internal, gauss = self.pair_rng.getstate()
+        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "pair_rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
+                             f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
+        self.epoch = int(state["epoch"])
+        version, internal, gauss = state["pair_rng"]
+        self.pair_rng.setstate((int(version), tuple(int(x) for x in internal), gauss))

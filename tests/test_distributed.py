@@ -1,0 +1,199 @@
+"""The engine: 2-process gloo training step and PCA learning against one-process references, a descending
+step, and world-size checks at launch."""
+import argparse
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import CHEAP_TEACHERS, pca_from_features, torch_threads, toy_gld, weights_dir
+from test_gld_pca_learn import HEAVY, fixed_transform, pca_args
+
+from datasets.gld import GLDImageDataset, image_path, read_groups, read_image, read_image_ids
+from models.loss import MultiTeacherDistillLoss
+from models.pca_layer import load_pca_layer, pca_weight_path, save_pca_layer
+from models.teachers import TEACHER_FILES, build_teacher
+from utils.distributed import DistContext, init_distributed
+from utils.engine import Trainer, build_model
+from utils.log import MetricsWriter
+from utils.pca_learn import learn_pca
+from utils.runtime import seed_everything
+
+WORLD = 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args() -> argparse.Namespace:
+    return argparse.Namespace(arch="resnet18", teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(
+        weights_dir()), embed_dim=512, p=3.0, student_init="random", trust_checkpoint=False, amp="none", lr=1e-3,
+        weight_decay=1e-6)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
+
+
+def gloo_worker(rank, port, out_dir, pca_ids):
+    """Both 2-rank jobs in one spawn (process start-up dominates): a DDP training step and PCA learning."""
+    torch.set_num_threads(1)
+    ctx = init_distributed(rank, False, f"tcp://127.0.0.1:{port}", 0, WORLD)
+    try:
+        args = train_args()
+        seed_everything(0)
+        model, student = build_model(args, ctx)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+        trainer = Trainer(args, ctx, model, student, None, None, None, optimizer,
+                          torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10, 1e-6),
+                          MultiTeacherDistillLoss(teachers=args.teachers), torch.amp.GradScaler("cpu", enabled=False),
+                          MetricsWriter(None))
+        x1, x2 = inputs()
+        rows = slice(2 * rank, 2 * rank + 2)
+        loss = trainer.step(x1[rows], x2[rows])
+        torch.save({"loss": loss, "grads": {n: p.grad for n, p in student.named_parameters()},
+                    "params": dict(student.named_parameters())}, out_dir / f"rank{rank}.pt")
+        learn_pca("resnet101_delg", GLDImageDataset(toy_gld(), pca_ids, fixed_transform()),
+                  pca_args(dump_to=str(out_dir / "pca_two.pt"), embed_dim=4, batch_size=2), ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    ids = read_image_ids(toy_gld())[:7]  # 7 images over 2 ranks: padding must not add rows (B11)
+    weights_dir(), weights_dir(HEAVY)  # written before the spawn
+    torch.multiprocessing.spawn(gloo_worker, args=(free_port(), out, ids), nprocs=WORLD)
+    return out, ids
+
+
+@pytest.mark.slow
+def test_ddp_step_gives_the_gradient_of_the_global_loss(two_ranks):
+    out, _ = two_ranks
+    # reference in one process: the student on each rank's half (CPU: per-process BatchNorm statistics), the loss
+    # over the global batch of 4 pairs, no world-size scaling
+    args = train_args()
+    seed_everything(0)
+    model, student = build_model(args, DistContext())
+    model.train()
+    x1, x2 = inputs()
+    s1 = torch.cat([student(x1[:2]), student(x1[2:])])
+    s2 = torch.cat([student(x2[:2]), student(x2[2:])])
+    loss = sum(MultiTeacherDistillLoss(teachers=args.teachers)(s1, s2, model.teacher_encoders(x1),
+                                                                model.teacher_encoders(x2)).values())
+    loss.backward()
+    results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for res in results:
+        torch.testing.assert_close(res["loss"] / WORLD, loss.detach(), rtol=1e-5, atol=1e-7)
+        for name, param in student.named_parameters():
+            # relative to the norm (float32 noise through 2-image BatchNorm; a wrong scaling errs by O(1))
+            error = (res["grads"][name] - param.grad).norm() / param.grad.norm().clamp_min(1e-12)
+            assert error < 2e-4, (name, float(error))
+    for name in results[0]["params"]:  # identical optimizer steps on both ranks
+        assert torch.equal(results[0]["params"][name], results[1]["params"][name])
+
+
+@pytest.mark.slow
+def test_pca_two_ranks_equals_one_with_odd_count(two_ranks, tmp_path):
+    out, ids = two_ranks
+    learn_pca("resnet101_delg", GLDImageDataset(toy_gld(), ids, fixed_transform()),
+              pca_args(dump_to=str(tmp_path / "one.pt"), embed_dim=4), DistContext())
+    two, one = load_pca_layer(out / "pca_two.pt"), load_pca_layer(tmp_path / "one.pt")
+    torch.testing.assert_close(two.mean, one.mean, rtol=0, atol=1e-6)
+    # the whitening up to the eigenvectors' signs
+    torch.testing.assert_close(two.dvt.T @ two.dvt, one.dvt.T @ one.dvt, rtol=1e-3, atol=1e-3)
+    assert int(two.n_0) == int(one.n_0)
+
+
+def test_world_size_larger_than_the_launch_is_an_error(tmp_path):
+    from gld_distill import main
+
+    with pytest.raises(SystemExit, match="--world_size 3"):
+        main(["-ts", *CHEAP_TEACHERS, "-c", str(tmp_path / "c"), "--gld_root_path", str(toy_gld()),
+              "--path_to_pretrained_weights", str(weights_dir()), "--world_size", "3", "--device", "cpu"])
+
+
+def test_world_size_disagreeing_with_torchrun_is_an_error(tmp_path, monkeypatch):
+    from gld_distill import main
+
+    monkeypatch.setenv("RANK", "0")  # what torchrun --nproc_per_node=1 sets
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match="--world_size 3 does not match the 1 processes"):
+        main(["-ts", *CHEAP_TEACHERS, "-c", str(tmp_path / "c"), "--gld_root_path", str(toy_gld()),
+              "--path_to_pretrained_weights", str(weights_dir()), "--world_size", "3", "--device", "cpu"])
+
+
+def toy_pairs(size: int = 32):
+    """First and second images of each toy landmark, without augmentation."""
+    root, tf = toy_gld(), fixed_transform(size)
+    groups = read_groups(root)
+    return tuple(torch.stack([tf(read_image(image_path(root, g[i]))) for g in groups]) for i in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def fitted_weights(tmp_path_factory):
+    """The cheap teachers with PCA files learned (8-d) on their own features of the toy pairs: the fused
+    teacher similarities then carry structure for the student to learn."""
+    root = tmp_path_factory.mktemp("fitted_weights")
+    x1, x2 = toy_pairs()
+    for name in CHEAP_TEACHERS:
+        os.symlink(weights_dir() / TEACHER_FILES[name], root / TEACHER_FILES[name])
+        teacher = build_teacher(name, weights_dir())
+        with torch.no_grad():
+            feats = F.normalize(teacher(torch.cat([x1, x2])), dim=-1)
+        save_pca_layer(pca_from_features(feats, 8), pca_weight_path(root, name, 8))
+    return root
+
+
+def make_trainer(weights, loader=None, **overrides) -> Trainer:
+    """A Trainer on one process over ``loader`` (a list of (x1, x2) batches), without the script around it."""
+    args = train_args()
+    args.path_to_pretrained_weights = str(weights)
+    args.embed_dim = 8 if weights != weights_dir() else 512
+    args.seed, args.log_every, args.no_progress, args.epochs, args.ckpt_dir = 0, 1, True, 1, "unused"
+    vars(args).update(overrides)
+    seed_everything(0)
+    model, student = build_model(args, DistContext())
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    sampler = argparse.Namespace(set_epoch=lambda epoch: None)
+    return Trainer(args, DistContext(), model, student, argparse.Namespace(batch_sampler=sampler), loader,
+                   torch.Generator(), optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, 1e-6),
+                   MultiTeacherDistillLoss(teachers=args.teachers), torch.amp.GradScaler("cpu", enabled=False),
+                   MetricsWriter(None))
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(fitted_weights):
+    """The engine's step descends the distillation loss (student parameters, sign, schedule wired right)."""
+    trainer = make_trainer(fitted_weights)
+    x1, x2 = toy_pairs()
+    teacher_state = {k: v.clone() for k, v in trainer.model.teacher_encoders.state_dict().items()}
+    losses = [float(trainer.step(x1, x2)) for _ in range(5)]
+    assert losses[-1] < 0.2 * losses[0], losses  # measured: 10.7 -> 0.73
+    assert trainer.iteration == 5 and trainer.scheduler.last_epoch == 5
+    for k, v in trainer.model.teacher_encoders.state_dict().items():  # teachers frozen, BN statistics included
+        assert torch.equal(v, teacher_state[k]), k
+
+
+def test_bf16_epoch_and_nan_stop(fitted_weights):
+    x1, x2 = toy_pairs()
+    record = make_trainer(fitted_weights, [(x1[:4], x2[:4])], amp="bf16").train_epoch(0)
+    assert record["epoch"] == 1 and 0 < record["loss"] < float("inf")
+    bad = x1[:4].clone()
+    bad[0] = float("nan")
+    with pytest.raises(SystemExit, match="loss became nan at epoch 1, iteration 1.*--lr"):
+        make_trainer(fitted_weights, [(bad, x2[:4])]).train_epoch(0)

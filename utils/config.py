@@ -1,0 +1,53 @@
+"""YAML configuration files: safe loading with clear errors, and the run's arguments dumped as ``config.yaml``."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unparsable or not a mapping."""
+
+
+def load_yaml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.SafeLoader`` (no object construction from a file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {what} file {path}: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{what} file {path} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping (key: value lines), got {type(data).__name__}")
+    return data
+
+
+def to_plain(value: Any) -> Any:
+    """Plain Python types only (str/int/float/bool/None, lists, dicts), so YAML and ``weights_only`` loads accept it."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def dump_args(args: argparse.Namespace | dict, path: str | os.PathLike) -> None:
+    """Write the run's arguments as YAML (the paper's ``ckpt_dir/config.yaml``), readable by :func:`load_yaml`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_plain(args), f, sort_keys=True)
