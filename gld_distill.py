@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if not csv_file.is_file():
         raise SystemExit(f"GLDv2 metadata file not found: {csv_file}. --gld_root_path must contain {CSV_NAME}.")
     check_weight_files(args, pca_script="gld_pca_learn.py")
-    try:
-        launch(main_worker, args)
-    except (GLDDataError, CheckpointError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    launch(main_worker, args, user_errors=(GLDDataError, CheckpointError))
 
 
 if __name__ == "__main__":

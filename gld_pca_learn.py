@@ -38,10 +38,7 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        launch(main_worker, args)
-    except (GLDDataError, CheckpointError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    launch(main_worker, args, user_errors=(GLDDataError, CheckpointError))
 
 
 if __name__ == "__main__":

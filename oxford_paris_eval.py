@@ -75,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visualize", default=None, type=str, metavar="DIR",
                         help="write one PNG per query: the query and its top results framed by label")
     parser.add_argument("--visualize_top", default=10, type=int, metavar="K", help="results per picture")
-    add_runtime_args(parser, dist_url="tcp://localhost:2023")
+    add_runtime_args(parser)
     return parser
 
 
@@ -163,14 +163,11 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     if ctx.is_main:
         log_run_header(get_logger(), args)
     seed_everything(args.seed)
-    try:
-        evaluate(args, ctx)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"oxford_paris_eval.py: error: {exc}") from None
+    evaluate(args, ctx)
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch(main_worker, parse_args(argv))
+    launch(main_worker, parse_args(argv), user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -63,10 +63,7 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_weight_files(args, pca_script="svd_pca_learn.py")
-    try:
-        launch(main_worker, args)
-    except (SVDMetaError, ConfigError, CheckpointError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    launch(main_worker, args, user_errors=(SVDMetaError, ConfigError, CheckpointError))
 
 
 if __name__ == "__main__":

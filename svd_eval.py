@@ -130,10 +130,7 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        launch(main_worker, args)
-    except (SVDMetaError, ConfigError, CheckpointError, EmbedderConfigError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    launch(main_worker, args, user_errors=(SVDMetaError, ConfigError, CheckpointError, EmbedderConfigError))
 
 
 if __name__ == "__main__":

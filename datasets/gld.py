@@ -10,16 +10,15 @@ the sampler keeps its own pair-choosing RNG so that a resumed run draws the same
 from __future__ import annotations
 
 import csv
-import math
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from datasets.sampler import ShardedEpochSampler
 from utils.log import get_logger
 
 CSV_NAME = "meta/train_clean.csv"
@@ -130,66 +129,24 @@ def pair_collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return batch[:half], batch[half:]
 
 
-class DistributedGroupSampler(Sampler[list[int]]):
-    """Batches of landmark pairs, each rank on its own share of the groups (the paper's sampler, facts §4.3).
+class DistributedGroupSampler(ShardedEpochSampler):
+    """Batches of landmark pairs (the paper's sampler, facts §4.3; skeleton in ``datasets.sampler``).
 
-    Per epoch the groups are permuted with a generator seeded ``seed + epoch``, truncated to a multiple of the
-    world size and dealt out as ``perm[rank::world_size]``; batches hold ``batch_size`` groups (the last one may
-    be smaller). Two distinct images of each group are drawn with a per-rank ``random.Random(seed + rank)``
-    (seed 0 = the paper's ``random.seed(rank)``). A batch lists the first images, then the second images.
+    Groups are permuted with a generator seeded ``seed + epoch``; two distinct images of each group are drawn with
+    the per-rank RNG. A batch lists the first images, then the second images.
     """
+
+    unit_name = "landmark group"
 
     def __init__(self, groups: Sequence[Sequence[int]], batch_size: int, world_size: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         small = [i for i, g in enumerate(groups) if len(g) < 2]
         if small:
             raise ValueError(f"{len(small)} group(s) have fewer than 2 images (e.g. group {small[0]}); "
                              "pairs need two images of the same landmark")
         self.groups = [list(g) for g in groups]
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.groups_per_rank = len(self.groups) // world_size
-        if self.groups_per_rank == 0:
-            raise GLDDataError(f"{len(self.groups)} landmark group(s) cannot be shared by {world_size} processes; "
-                               "use fewer processes or more data.")
-        self.pair_rng = random.Random(seed + rank)
+        super().__init__(len(self.groups), batch_size, world_size, rank, seed, error=GLDDataError)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.groups_per_rank / self.batch_size)
-
-    def rank_groups(self) -> list[int]:
-        """Indices of the groups this rank visits this epoch, in order."""
-        gen = torch.Generator()
-        gen.manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.groups), generator=gen).tolist()
-        return perm[: self.groups_per_rank * self.world_size][self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.rank_groups()
-        for start in range(0, len(mine), self.batch_size):
-            pairs = [self.pair_rng.sample(self.groups[g], 2) for g in mine[start:start + self.batch_size]]
-            yield [p[0] for p in pairs] + [p[1] for p in pairs]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""
-        version, internal, gauss = self.pair_rng.getstate()
-        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "pair_rng": [version, list(internal), gauss]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
-                             f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
-        self.epoch = int(state["epoch"])
-        version, internal, gauss = state["pair_rng"]
-        self.pair_rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    def make_batch(self, units: list[int]) -> list[int]:
+        pairs = [self.rng.sample(self.groups[g], 2) for g in units]
+        return [p[0] for p in pairs] + [p[1] for p in pairs]

@@ -155,7 +155,7 @@ def test_torchrun_two_processes(tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2
     assert len(ckpt["sampler"]) == 2 and [s["rank"] for s in ckpt["sampler"]] == [0, 1]
     # the pair RNGs of the two ranks are distinct streams
-    assert ckpt["sampler"][0]["pair_rng"] != ckpt["sampler"][1]["pair_rng"]
+    assert ckpt["sampler"][0]["rng"] != ckpt["sampler"][1]["rng"]
     # 2 ranks x 2 pairs = 4 global pairs per iteration, 2 iterations per epoch
     assert int(ckpt["loss_fn"]["pos_win_count"].sum()) == 2 * 4 * 2 * EPOCHS
     iters = [r for r in read_metrics(ckpt_dir) if r["type"] == "iter"]

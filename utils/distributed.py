@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,9 @@ def add_distributed_args(parser: argparse.ArgumentParser, dist_url: str = "env:/
                        help="total number of processes (default: taken from torchrun, else one per visible GPU)")
     group.add_argument("--rank", type=int, default=0, help="node rank for a manual multi-node launch")
     group.add_argument("--dist_url", type=str, default=dist_url,
-                       help="rendezvous URL for a manual multi-node launch, e.g. tcp://HOST:PORT")
+                       help="rendezvous URL for a manual multi-node launch, e.g. tcp://HOST:PORT of node 0 "
+                            "(default env://: torchrun's variables, or a free local port for a one-node launch; "
+                            "the paper's fixed tcp://localhost:PORT still works)")
     group.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
                        help="auto: every visible GPU if there is one, else the CPU")
 
@@ -63,15 +66,20 @@ def _use_cuda(args: argparse.Namespace) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
-def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace) -> None:
-    """Run ``main_worker(args, ctx)`` on every rank, starting processes where the launcher did not."""
+def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace,
+           user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``main_worker(args, ctx)`` on every rank, starting processes where the launcher did not.
+
+    ``user_errors`` (bad files, bad flags) end the process with their one-line message instead of a traceback.
+    """
     use_cuda = _use_cuda(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style env launch
         env_world = int(os.environ["WORLD_SIZE"])
         if args.world_size is not None and args.world_size != env_world:
             raise SystemExit(f"--world_size {args.world_size} does not match the {env_world} processes started "
                              "by the launcher (WORLD_SIZE); drop --world_size or make them agree.")
-        _worker(int(os.environ.get("LOCAL_RANK", 0)), main_worker, args, use_cuda, "env://", 0, env_world)
+        _worker(int(os.environ.get("LOCAL_RANK", 0)), main_worker, args, use_cuda, "env://", 0, env_world,
+                user_errors)
         return
     n_local = torch.cuda.device_count() if use_cuda else 1
     world_size = args.world_size if args.world_size is not None else n_local
@@ -90,17 +98,20 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
     else:
         dist_url = args.dist_url
     if n_local == 1:
-        _worker(0, main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size)
+        _worker(0, main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size, user_errors)
     else:
         torch.multiprocessing.spawn(_worker, nprocs=n_local,
-                                    args=(main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size))
+                                    args=(main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size,
+                                          user_errors))
 
 
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
-            rank_offset: int, world_size: int) -> None:
+            rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = ()) -> None:
     ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
     try:
         main_worker(args, ctx)
+    except user_errors as exc:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {exc}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,16 +8,16 @@ works and the loader's length is known.
 from __future__ import annotations
 
 import bisect
-import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from datasets.sampler import ShardedEpochSampler
 from datasets.svd.meta import SVDMetaError, frame_path
 
 
@@ -71,70 +71,26 @@ def two_view_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
-class DistributedFrameSampler(Sampler[list[int]]):
+class DistributedFrameSampler(ShardedEpochSampler):
     """The paper's ``DistributedFrameSampler`` (facts §4.3): one uniformly random frame per training video.
 
-    Per epoch the videos are permuted with a generator seeded ``seed + epoch + 1`` (the paper's SVD loop hands
-    its sampler the 1-based epoch), truncated to a multiple of the world size and dealt out as
-    ``perm[rank::world_size]``; batches hold ``batch_size`` videos (the last one may be smaller). The frame of
-    each video is drawn with a per-rank ``random.Random(seed + rank)`` (seed 0 = the paper's ``random.seed(rank)``)
-    whose state is saved with the checkpoint, so a resumed run draws the same frames.
+    Videos are permuted with a generator seeded ``seed + epoch + 1`` (the paper's SVD loop hands its sampler the
+    1-based epoch); each video's frame is drawn with the per-rank RNG (skeleton in ``datasets.sampler``).
     """
+
+    epoch_offset = 1
+    unit_name = "video"
 
     def __init__(self, frame_counts: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.frame_counts = [int(n) for n in frame_counts]
         if any(n < 1 for n in self.frame_counts):
             raise ValueError("every training video needs at least one frame")
         self.offsets = [0, *accumulate(self.frame_counts)]
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.videos_per_rank = len(self.frame_counts) // world_size
-        if self.videos_per_rank == 0:
-            raise SVDMetaError(f"{len(self.frame_counts)} training video(s) cannot be shared by {world_size} "
-                               "processes; use fewer processes or more data.")
-        self.frame_rng = random.Random(seed + rank)
+        super().__init__(len(self.frame_counts), batch_size, world_size, rank, seed, error=SVDMetaError)
 
-    def set_epoch(self, epoch: int) -> None:
-        """``epoch`` is 0-based (the training engine's count)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.videos_per_rank / self.batch_size)
-
-    def rank_videos(self) -> list[int]:
-        """Indices of the videos this rank visits this epoch, in order."""
-        gen = torch.Generator()
-        gen.manual_seed(self.seed + self.epoch + 1)
-        perm = torch.randperm(len(self.frame_counts), generator=gen).tolist()
-        return perm[: self.videos_per_rank * self.world_size][self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.rank_videos()
-        for start in range(0, len(mine), self.batch_size):
-            yield [self.offsets[v] + self.frame_rng.randint(0, self.frame_counts[v] - 1)
-                   for v in mine[start:start + self.batch_size]]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""
-        version, internal, gauss = self.frame_rng.getstate()
-        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "frame_rng": [version, list(internal), gauss]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
-                             f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
-        self.epoch = int(state["epoch"])
-        version, internal, gauss = state["frame_rng"]
-        self.frame_rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    def make_batch(self, units: list[int]) -> list[int]:
+        return [self.offsets[v] + self.rng.randint(0, self.frame_counts[v] - 1) for v in units]
 
 
 def sample_pca_frames(video_ids: Sequence[str], frame_counts: Sequence[int], per_video: int = 60,
