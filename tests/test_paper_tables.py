@@ -1,0 +1,34 @@
+"""tools/paper_tables.py: the planned commands and the markdown rendering from evaluation JSONs."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import paper_tables  # noqa: E402
+
+
+def test_dry_run_lists_every_evaluation(tmp_path, capsys):
+    (tmp_path / "ck" / "ro_re_to_r34_ep3k").mkdir(parents=True)
+    (tmp_path / "ck" / "ro_re_to_r34_ep3k" / "checkpoint_3000.pt").write_bytes(b"x")
+    paper_tables.main(["--dry_run", "--data_path", "D", "--weights", "W", "--checkpoints", str(tmp_path / "ck")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * (5 + 3) + 2 + 2
+    assert sum("oxford_paris_eval.py -t resnet101_delg --pca -d roxford5k" in line for line in lines) == 1
+    r34 = [line for line in lines if "-a resnet34 -r" in line and "rparis6k" in line]
+    assert len(r34) == 1 and "ro_re_to_r34_ep3k/checkpoint_3000.pt" in r34[0] and " -ms -p 3" in r34[0]
+    assert sum("svd_eval.py" in line and "--sim_fn cf" in line for line in lines) == 4
+
+
+def test_tables_rendered_from_existing_results(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "image_ro_re_to_r18_ep3k_roxford5k.json").write_text(json.dumps({"map": {"E": 1, "M": 61.234, "H": 40.5}}))
+    (res / "image_ro_re_to_r18_ep3k_rparis6k.json").write_text(json.dumps({"map": {"E": 1, "M": 77.0, "H": 55.556}}))
+    (res / "video_mc_bt_to_r18_ep3k_svd.json").write_text(json.dumps({"map": {"top-100": 0.81234, "top-inf": 0.7}}))
+    (res / "image_x.json").write_text("{}")  # a stray file is ignored
+    args = ["--read_only", "--results_dir", str(res), "--data_path", str(tmp_path / "nodata"), "--weights", str(tmp_path / "now"),
+            "--checkpoints", str(tmp_path / "nock"), "--svd_meta", str(tmp_path / "no.yaml")]
+    text = paper_tables.main(args)
+    assert "| ro_re_to_r18_ep3k | 61.23 | 40.50 | 77.00 | 55.56 |" in text
+    assert "| mc_bt_to_r18_ep3k | 0.8123 | 0.7000 |" in text
+    assert "| resnet101_gem | - | - | - | - |" in text  # missing results stay visible as "-"

@@ -1,0 +1,143 @@
+"""The whole method on the embedded toy data, end to end, through the real scripts.
+
+    python tools/demo.py                      # CPU: a few minutes; a GPU is used when present
+    python tools/demo.py --fast               # reduced sizes (the test suite runs this)
+
+Steps: toy GLDv2 + revisited-Oxford data -> randomly initialised teachers written in the published file layouts
+(NO real weights are shipped or downloaded) -> gld_pca_learn.py per teacher -> gld_distill.py (ResNet18, random
+init) -> oxford_paris_eval.py for the whitened teachers, the student before and after distillation. Ends with a
+table (parameters, GFLOPs, images/s, mAP E/M/H) and the path of a retrieval picture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
+from models.students import build_student, student_checkpoint_state  # noqa: E402
+from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
+from utils.checkpoint import save_atomic  # noqa: E402
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work_dir", default="demo_out", help="folder for data, weights, checkpoints, results")
+    parser.add_argument("--teachers", nargs="+", default=["mocov3", "barlowtwins"], choices=list(TEACHERS),
+                        help="teacher architectures (random weights); ResNet50 ones keep the demo quick on CPU")
+    parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default 12, --fast 4)")
+    parser.add_argument("--imsize", type=int, default=64, help="image size of the toy data and training crops")
+    parser.add_argument("--embed_dim", type=int, default=32, help="PCA / student dimension (small data, small dim)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast", action="store_true", help="reduced sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--save_asset", action="store_true", help="copy the retrieval picture to assets/")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 4 if args.fast else 12
+    return args
+
+
+def run(script: str, *flags: object) -> None:
+    cmd = [sys.executable, str(ROOT / script), *map(str, flags), "--no_progress"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float, float, float]:
+    """(parameters in M, GFLOPs per image, measured images/s) at ``imsize``."""
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    model = model.to(dev).eval()
+    x = torch.randn(8, 3, imsize, imsize, device=dev)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model(x[:1])
+        model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        rate = 3 * x.shape[0] / (time.perf_counter() - start)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return params, counter.get_total_flops() / 1e9, rate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args(argv)
+    work = Path(args.work_dir).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    gld, rev, weights, ckpt, results = (work / n for n in ("gld", "revisitop", "weights", "ckpt", "results"))
+    results.mkdir(parents=True)
+    n_landmarks, n_db, n_queries = (24, 36, 6) if args.fast else (64, 60, 12)
+    common = ["--device", args.device, "--seed", args.seed, "--num_workers", 0, "--embed_dim", args.embed_dim]
+
+    print(f"== toy data in {work}", flush=True)
+    make_toy_gld(gld, n_landmarks=n_landmarks, imgs_per_landmark=4, size=args.imsize, seed=args.seed)
+    make_toy_revisitop(rev, name="roxford5k", n_queries=n_queries, n_db=n_db, size=args.imsize, seed=args.seed)
+
+    print("== teachers: RANDOM weights written in the published layouts (no real weights are shipped)", flush=True)
+    teachers = {}
+    for i, name in enumerate(args.teachers):
+        torch.manual_seed(args.seed + i)
+        teachers[name] = build_teacher(name)
+        write_published_layout(name, teachers[name], weights / TEACHER_FILES[name])
+        run("gld_pca_learn.py", "-t", name, "--gld_root_path", gld, "--path_to_pretrained_weights", weights,
+            "--imsize", args.imsize, "--num_samples", -1, "-b", 32, *common)
+
+    torch.manual_seed(args.seed)
+    student_before = build_student("resnet18", embed_dim=args.embed_dim)
+    save_atomic({"state_dict": student_checkpoint_state(student_before)}, ckpt / "student_before.pt")
+    run("gld_distill.py", "-a", "resnet18", "-ts", *args.teachers, "-c", ckpt, "--gld_root_path", gld,
+        "--path_to_pretrained_weights", weights, "--student_init", "random", "--imsize", args.imsize,
+        "--epochs", args.epochs, "-b", 16, "--lr", 1e-3, "--snapshot_step", args.epochs, *common)
+
+    evaluations = {f"teacher {n} + PCA": ["-t", n, "--pca"] for n in args.teachers}
+    evaluations["student before (random init)"] = ["-a", "resnet18", "-r", ckpt / "student_before.pt"]
+    evaluations["student after distillation"] = ["-a", "resnet18", "-r", ckpt / "checkpoint_last.pt",
+                                                 "--visualize", results / "retrieval", "--visualize_top", 6]
+    rows = []
+    for label, flags in evaluations.items():
+        out = results / ("_".join(w for w in label.split(" (")[0].split() if w != "+") + ".json")
+        run("oxford_paris_eval.py", *flags, "-dp", rev, "--path_to_pretrained_weights", weights, "--imsize",
+            args.imsize, "--output_json", out, *common)
+        mAP = json.loads(out.read_text())["map"]
+        model = teachers[flags[1]] if flags[0] == "-t" else student_before
+        params, gflops, rate = model_cost(model, args.imsize, args.device)
+        rows.append({"model": label, "params_M": params, "gflops": gflops, "images_per_s": rate, **mAP})
+
+    table = [f"| model | params (M) | GFLOPs/img @{args.imsize}px | img/s | mAP E | mAP M | mAP H |",
+             "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['params_M']:.1f} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "
+              f"{r['E']:.2f} | {r['M']:.2f} | {r['H']:.2f} |" for r in rows]
+    text = "\n".join(table)
+    (work / "demo_results.md").write_text(text + "\n")
+    (work / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    pictures = sorted((results / "retrieval").glob("*.png"))
+    print("\n" + text + "\n")
+    print("teachers have random weights: the numbers show the mechanics (the student learns the fused whitened "
+          "teachers' similarities), not the paper's accuracy.")
+    if pictures:
+        print(f"retrieval picture: {pictures[0]}")
+        if args.save_asset:
+            shutil.copy(pictures[0], ROOT / "assets" / "demo_retrieval.png")
+    print(f"results: {work / 'demo_results.md'}")
+    return {"rows": rows, "pictures": [str(p) for p in pictures]}
+
+
+if __name__ == "__main__":
+    main()
