@@ -26,8 +26,9 @@ def test_tables_rendered_from_existing_results(tmp_path, capsys):
     (res / "image_ro_re_to_r18_ep3k_rparis6k.json").write_text(json.dumps({"map": {"E": 1, "M": 77.0, "H": 55.556}}))
     (res / "video_mc_bt_to_r18_ep3k_svd.json").write_text(json.dumps({"map": {"top-100": 0.81234, "top-inf": 0.7}}))
     (res / "image_x.json").write_text("{}")  # a stray file is ignored
-    args = ["--read_only", "--results_dir", str(res), "--data_path", str(tmp_path / "nodata"), "--weights", str(tmp_path / "now"),
-            "--checkpoints", str(tmp_path / "nock"), "--svd_meta", str(tmp_path / "no.yaml")]
+    args = ["--read_only", "--results_dir", str(res), "--data_path", str(tmp_path / "nodata"),
+            "--weights", str(tmp_path / "now"), "--checkpoints", str(tmp_path / "nock"),
+            "--svd_meta", str(tmp_path / "no.yaml")]
     text = paper_tables.main(args)
     assert "| ro_re_to_r18_ep3k | 61.23 | 40.50 | 77.00 | 55.56 |" in text
     assert "| mc_bt_to_r18_ep3k | 0.8123 | 0.7000 |" in text

@@ -1,0 +1,289 @@
+"""Machinery every benchmark shares: flags, interleaved timing, peak memory, hardware limits, tables, JSON.
+
+Machines are noisy (the CI box is shared), so a comparison is timed *interleaved*: every repeat runs each
+contender once, in a rotating order, and the reported figure is the median over repeats. Ratios are always
+taken from one such run, never across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, warmup: int = 1) -> None:
+    group = parser.add_argument_group("measurement")
+    group.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats; medians are quoted "
+                       f"(default {repeats})")
+    group.add_argument("--warmup", type=int, default=warmup, help=f"untimed calls first (default {warmup})")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: the GPU when one is visible, else the CPU")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    group.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads/--seed`` and resolve ``--device``."""
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but no GPU is visible; use --device cpu.")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``warmup`` untimed rounds, then ``repeats`` rounds in which every
+    function runs once (the starting function rotates, so none always follows the same neighbour)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the next peak counts only what is allocated anew."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_rss_peak() -> bool:
+    """Set the high-water mark to the current resident set; False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+class PeakMemory:
+    """Peak memory a block adds on top of what was live when it started, in bytes (``None``: unmeasurable).
+
+    CUDA: the caching allocator's peak (``max_memory_allocated``). CPU: the process's resident-set high-water mark
+    (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set at entry, after freed heap
+    pages were returned to the OS; it therefore covers torch, numpy and Python allocations alike.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.method = "cuda max_memory_allocated" if device.type == "cuda" else "RSS high-water mark (VmHWM)"
+
+    def __enter__(self) -> PeakMemory:
+        _release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif _reset_rss_peak():
+            self._base = _status_kib("VmRSS") * 1024
+        else:
+            self._base = None
+            self.method = "unavailable (needs Linux /proc)"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self.peak_bytes = max(0, _status_kib("VmHWM") * 1024 - self._base)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes ``fn()`` needs at its peak beyond the live data (one call)."""
+    with PeakMemory(device) as mem:
+        fn()
+    return mem.peak_bytes
+
+
+def mib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / MIB
+
+
+# ------------------------------------------------------------------------------------------ hardware limits
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                repeats: int = 5) -> float:
+    """GFLOP/s of one large square matrix multiply (median of ``repeats``): the machine's practical compute peak
+    for ``dtype``, the limit every achieved GFLOP/s is compared with."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = time_interleaved({"mm": lambda: torch.mm(a, b, out=out)}, repeats=repeats, warmup=2, device=device)
+    return 2 * size**3 / median(seconds["mm"]) / 1e9
+
+
+def memory_bandwidth(device: torch.device, n_bytes: int = 256 * MIB, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written): the limit of memory-bound kernels."""
+    src = torch.empty(n_bytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=2, device=device)
+    return 2 * n_bytes / median(seconds["copy"]) / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on (goes into every JSON file and table header)."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        from utils.log import git_revision
+
+        info["git"] = git_revision()
+    except Exception:  # benchmarks must run from a tarball too
+        info["git"] = None
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads"
+    load = info.get("load_average")
+    load_text = f", load average {load[0]:.2f}" if load else ""
+    return f"{where}; torch {info['torch']}{load_text}"
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+Column = tuple[str, str, str]  # (row key, header, format spec)
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != value:  # NaN
+        return "nan"
+    if isinstance(value, (int, float)) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A Markdown table (pastes into the README unchanged, reads fine in a terminal)."""
+    header = [h for _, h, _ in columns]
+    body = [[_cell(row.get(k), spec) for k, _, spec in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> None:
+    print(f"\n### {title}\n", flush=True)
+    print(format_table(rows, columns), flush=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.device):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def write_json(path: str | os.PathLike | None, benchmark: str, args: argparse.Namespace, machine: dict[str, Any],
+               results: dict[str, Any]) -> None:
+    """``{"benchmark", "command", "args", "machine", "results"}`` (NaN -> null), written atomically."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "args": _plain(vars(args)), "machine": _plain(machine), "results": _plain(results)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"\nresults written to {path}", flush=True)
+
+
+@contextmanager
+def stage(name: str, enabled: bool = True):
+    """Print how long a preparation step took (model building, data generation)."""
+    start = time.perf_counter()
+    yield
+    if enabled:
+        print(f"[{name}: {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)

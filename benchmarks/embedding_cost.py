@@ -1,0 +1,140 @@
+"""Embedding cost: parameters, GFLOPs per image and images/s of the students, every teacher and the paper's
+teacher ensembles (an ensemble embeds an image with each member, so its cost is the sum of its members').
+
+Random-init models (no weights needed), batch 1 by default, ``torch.inference_mode``; each model is timed in the
+default (contiguous) and in ``channels_last`` memory format, interleaved, and the faster one is reported. FLOPs are
+counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs); achieved GFLOP/s is compared
+with the measured float32 matmul peak.
+
+    python benchmarks/embedding_cost.py                         # 224 and 512 px
+    python benchmarks/embedding_cost.py --sizes 224 512 1024    # also 1024 px (several minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import (
+    add_common_args,
+    describe_machine,
+    machine_info,
+    matmul_peak,
+    median,
+    print_table,
+    setup,
+    stage,
+    time_interleaved,
+    write_json,
+)
+from models.students import build_student
+from models.teachers import TEACHERS, build_teacher
+
+STUDENTS = ("resnet18", "resnet34")
+ENSEMBLES = {"GeM+AP-GeM+SOLAR": ("resnet101_gem", "resnet101_ap_gem", "resnet101_solar"),
+             "DELG+DOLG": ("resnet101_delg", "resnet101_dolg"),
+             "MoCoV3+BarlowTwins": ("mocov3", "barlowtwins")}
+
+
+def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops() / 1e9 / x.shape[0]
+
+
+def time_model(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, device: torch.device
+               ) -> dict[str, float]:
+    """Median seconds per batch, contiguous vs channels_last (interleaved)."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)  # a copy: .to() converts in place
+
+    def run(m: nn.Module, inp: torch.Tensor):
+        def call():
+            with torch.inference_mode():
+                return m(inp)
+        return call
+
+    times = time_interleaved({"contiguous": run(model, x), "channels_last": run(model_cl, x_cl)},
+                             repeats=args.repeats, warmup=args.warmup, device=device)
+    return {k: median(v) for k, v in times.items()}
+
+
+def bench_model(name: str, model: nn.Module, size: int, args: argparse.Namespace, device: torch.device,
+                peak: float) -> dict:
+    model = model.eval().to(device)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    gflops = count_gflops(model, x)
+    with stage(f"{name} @ {size}"):
+        seconds = time_model(model, x, args, device)
+    best = min(seconds, key=seconds.get)
+    per_image = seconds[best] / args.batch
+    return {"model": name, "size": size, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops_per_image": gflops, "images_per_s": 1 / per_image, "seconds_per_image": per_image,
+            "contiguous_s": seconds["contiguous"], "channels_last_s": seconds["channels_last"], "faster": best,
+            "achieved_gflops": gflops / per_image, "peak_frac": gflops / per_image / peak}
+
+
+def ensemble_rows(rows: list[dict], size: int, peak: float) -> list[dict]:
+    by_name = {r["model"]: r for r in rows if r["size"] == size}
+    students = [by_name[s] for s in STUDENTS if s in by_name]
+    out = []
+    for ens, members in ENSEMBLES.items():
+        if not all(m in by_name for m in members):
+            continue
+        seconds = sum(by_name[m]["seconds_per_image"] for m in members)
+        gflops = sum(by_name[m]["gflops_per_image"] for m in members)
+        row = {"model": f"ensemble {ens}", "size": size, "params_m": sum(by_name[m]["params_m"] for m in members),
+               "gflops_per_image": gflops, "images_per_s": 1 / seconds, "seconds_per_image": seconds,
+               "achieved_gflops": gflops / seconds, "peak_frac": gflops / seconds / peak, "faster": "-"}
+        for s in students:
+            row[f"speedup_{s}"] = seconds / s["seconds_per_image"]
+        out.append(row)
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="square image sizes in px")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument("--models", nargs="+", default=[*STUDENTS, *TEACHERS], choices=[*STUDENTS, *TEACHERS],
+                        help="models to time (default: both students and all teachers)")
+    add_common_args(parser, repeats=2, warmup=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = get_args_parser().parse_args(argv)
+    device = setup(args)
+    machine = machine_info(device)
+    with stage("matmul peak"):
+        peak = matmul_peak(device)
+    rows: list[dict] = []
+    for name in args.models:
+        model = build_student(name) if name in STUDENTS else build_teacher(name)
+        rows += [bench_model(name, model, size, args, device, peak) for size in args.sizes]
+        del model
+    for size in args.sizes:
+        rows += ensemble_rows(rows, size, peak)
+    columns = [("model", "model", ""), ("size", "px", "d"), ("params_m", "params (M)", ".1f"),
+               ("gflops_per_image", "GFLOPs/img", ".1f"), ("images_per_s", "img/s", ".2f"),
+               ("faster", "faster format", ""), ("achieved_gflops", "GFLOP/s", ".1f"),
+               ("peak_frac", "of matmul peak", ".0%"),
+               *[(f"speedup_{s}", f"{s} speed-up", ".1f") for s in STUDENTS]]
+    rows.sort(key=lambda r: (r["size"], r["model"].startswith("ensemble")))
+    print_table(f"Embedding cost, batch {args.batch}, medians of {args.repeats}; float32 matmul peak {peak:.0f} "
+                f"GFLOP/s [{describe_machine(machine)}]", rows, columns)
+    write_json(args.json, "embedding_cost", args, machine, {"matmul_peak_gflops": peak, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
