@@ -80,9 +80,6 @@ def _frame_level_block(q: torch.Tensor, qmask: torch.Tensor, c: torch.Tensor, cm
     cm = cmask[None, None, :, :]
     if sim_fn == "smx":
         return sims.masked_fill_(~(qm & cm), float("-inf")).amax(dim=(1, 3))
-    if sim_fn == "sme":
-        pairs = qmask.sum(1)[:, None] * cmask.sum(1)[None, :]
-        return sims.masked_fill_(~(qm & cm), 0).sum(dim=(1, 3)) / pairs
     # chamfer: best candidate frame per query frame, averaged over the valid query frames
     best = sims.masked_fill_(~cm, float("-inf")).amax(dim=3)  # (q, Fq, c)
     return best.masked_fill_(~qmask[:, :, None], 0).sum(1) / qmask.sum(1)[:, None]
@@ -99,6 +96,10 @@ def frame_level_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: to
     nc, fc, _ = cfeats.shape
     qmask = _valid_mask(qlens, fq, "query", qfeats.device)
     cmask = _valid_mask(clens, fc, "candidate", cfeats.device)
+    if sim_fn == "sme":  # mean of all pair dot products = dot product of the frame sums / number of pairs
+        qsum = qfeats.masked_fill(~qmask[..., None], 0).sum(1)
+        csum = cfeats.masked_fill(~cmask[..., None], 0).sum(1)
+        return (qsum @ csum.T) / (qmask.sum(1)[:, None] * cmask.sum(1)[None, :])
     out = qfeats.new_empty((nq, nc))
     per_pair = fq * fc
     q_step = max(1, min(nq, max_elements // per_pair))
