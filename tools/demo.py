@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.embedding_cost import count_gflops  # noqa: E402
 from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
 from models.students import build_student, student_checkpoint_state  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
@@ -60,9 +60,8 @@ def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float,
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     model = model.to(dev).eval()
     x = torch.randn(8, 3, imsize, imsize, device=dev)
+    gflops = count_gflops(model, x[:1])
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            model(x[:1])
         model(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -73,7 +72,7 @@ def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float,
             torch.cuda.synchronize()
         rate = 3 * x.shape[0] / (time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return params, counter.get_total_flops() / 1e9, rate
+    return params, gflops, rate
 
 
 def main(argv: list[str] | None = None) -> dict:
