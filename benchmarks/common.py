@@ -43,6 +43,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads/--seed`` and resolve ``--device``."""
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    map_large_allocations()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -94,13 +95,34 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def map_large_allocations(threshold: int = 256 * 1024) -> bool:
+    """Serve every allocation >= ``threshold`` bytes by its own ``mmap`` (glibc), unmapped again on free.
+
+    Without this, glibc recycles freed blocks inside its heap: the resident set then tracks the heap's history
+    (holes faulted back in one by one) rather than the bytes live now, and a peak read from it can grow with the
+    size of earlier, already freed data. Called once by ``setup``; False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc), so the next peak counts only what is allocated anew."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _reset_rss_peak() -> bool:
@@ -161,16 +183,25 @@ def mib(n_bytes: int | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ hardware limits
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
-                repeats: int = 5) -> float:
-    """GFLOP/s of one large square matrix multiply (median of ``repeats``): the machine's practical compute peak
-    for ``dtype``, the limit every achieved GFLOP/s is compared with."""
+def matmul_probe(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None
+                 ) -> tuple[Callable[[], Any], float]:
+    """One large square matrix multiply and its FLOPs: the machine's practical compute peak for ``dtype``.
+
+    Time it interleaved with the contenders (``time_interleaved``) so that the peak is measured under the same
+    load as the figures it is compared with; on a shared machine a peak taken once, apart, drifts by 20-30 %."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    seconds = time_interleaved({"mm": lambda: torch.mm(a, b, out=out)}, repeats=repeats, warmup=2, device=device)
-    return 2 * size**3 / median(seconds["mm"]) / 1e9
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                repeats: int = 5) -> float:
+    """GFLOP/s of ``matmul_probe`` on its own (median of ``repeats``)."""
+    probe, flop = matmul_probe(device, dtype, size)
+    seconds = time_interleaved({"mm": probe}, repeats=repeats, warmup=2, device=device)
+    return flop / median(seconds["mm"]) / 1e9
 
 
 def memory_bandwidth(device: torch.device, n_bytes: int = 256 * MIB, repeats: int = 5) -> float:

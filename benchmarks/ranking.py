@@ -30,19 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
-    add_common_args,
-    describe_machine,
-    machine_info,
-    median,
-    mib,
-    peak_memory,
-    print_table,
-    setup,
-    stage,
-    time_interleaved,
-    write_json,
-)
+from benchmarks import common
 from datasets.oxford_paris import KAPPAS, MODES, evaluate_scores, item_positions, revisited_ground_truth
 
 
@@ -184,28 +172,28 @@ def assert_identical(scores: torch.Tensor, gnd: Sequence[dict], kappas: Sequence
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def bench_size(args: argparse.Namespace, n_distractors: int, device: torch.device) -> dict:
-    with stage(f"scores for {args.database} + {n_distractors} images"):
+    with common.stage(f"scores for {args.database} + {n_distractors} images"):
         start = time.perf_counter()
         scores, gnd = synthetic_benchmark(args.queries, args.database, n_distractors, args.dim, args.ties, args.seed)
         make_seconds = time.perf_counter() - start
-    with stage("equality check"):
+    with common.stage("equality check"):
         maps = assert_identical(scores, gnd)
     scores = scores.to(device)
     split: dict[str, list[float]] = {}
-    times = time_interleaved({"project": lambda: evaluate_scores(scores, gnd, kappas=KAPPAS),
-                              "reference": lambda: reference_evaluate(scores.cpu(), gnd, split=split)},
-                             repeats=args.repeats, warmup=args.warmup, device=device)
-    mem_project = peak_memory(lambda: evaluate_scores(scores, gnd, kappas=KAPPAS), device)
-    mem_reference = peak_memory(lambda: reference_evaluate(scores.cpu(), gnd), torch.device("cpu"))
+    times = common.time_interleaved({"project": lambda: evaluate_scores(scores, gnd, kappas=KAPPAS),
+                                     "reference": lambda: reference_evaluate(scores.cpu(), gnd, split=split)},
+                                    repeats=args.repeats, warmup=args.warmup, device=device)
+    mem_project = common.peak_memory(lambda: evaluate_scores(scores, gnd, kappas=KAPPAS), device)
+    mem_reference = common.peak_memory(lambda: reference_evaluate(scores.cpu(), gnd), torch.device("cpu"))
     n_rows = scores.shape[0]
-    project, reference = median(times["project"]), median(times["reference"])
+    project, reference = common.median(times["project"]), common.median(times["reference"])
     return {
         "n_distractors": n_distractors, "n_rows": n_rows, "n_queries": args.queries,
         "project_s": project, "reference_s": reference, "speedup": reference / project,
-        "reference_sort_s": median(split["sort"][-args.repeats:]),
-        "reference_map_s": median(split["map"][-args.repeats:]),
+        "reference_sort_s": common.median(split["sort"][-args.repeats:]),
+        "reference_map_s": common.median(split["map"][-args.repeats:]),
         "project_runs_s": times["project"], "reference_runs_s": times["reference"],
-        "project_peak_mib": mib(mem_project), "reference_peak_mib": mib(mem_reference),
+        "project_peak_mib": common.mib(mem_project), "reference_peak_mib": common.mib(mem_reference),
         "index_matrix_mib": n_rows * args.queries * 8 / 2**20, "scores_mib": scores.numel() * 4 / 2**20,
         "scores_make_s": make_seconds, "map_E": maps["E"] * 100, "map_M": maps["M"] * 100, "map_H": maps["H"] * 100,
         "identical": True,
@@ -227,18 +215,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database", type=int, default=5000, help="database images before distractors")
     parser.add_argument("--dim", type=int, default=512, help="feature dimension")
     parser.add_argument("--ties", type=int, default=32, help="distractor rows duplicating other rows")
-    add_common_args(parser, repeats=3, warmup=1)
+    common.add_common_args(parser, repeats=3, warmup=1)
     return parser
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
-    device = setup(args)
-    machine = machine_info(device)
+    device = common.setup(args)
+    machine = common.machine_info(device)
     rows = [bench_size(args, n, device) for n in args.distractors]
-    print_table(f"Ranking + mAP (E/M/H), {args.queries} queries, medians of {args.repeats} "
-                f"[{describe_machine(machine)}]", rows, COLUMNS)
-    write_json(args.json, "ranking", args, machine, {"rows": rows})
+    common.print_table(f"Ranking + mAP (E/M/H), {args.queries} queries, medians of {args.repeats} "
+                       f"[{common.describe_machine(machine)}]", rows, COLUMNS)
+    common.write_json(args.json, "ranking", args, machine, {"rows": rows})
     return rows
 
 

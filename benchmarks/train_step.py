@@ -2,36 +2,37 @@
 multi-teacher loss, Adam update) with the paper's 2- and 3-teacher sets, and the share of the step spent in the
 teachers. Random-init models; PCA layers carry a random orthogonal projection (no fitting needed for timing).
 
-    python benchmarks/train_step.py                   # 224 px, 4 pairs, fp32 and bf16 autocast
+The step is the training scripts' own (``utils.engine.distill_step`` on the model ``utils.engine.wrap_distributed``
+returns). With ``--procs 1 2`` the same global batch is also split over 2 processes (gloo on CPU, one GPU each
+with nccl), each with its share of the CPU threads, and images/s counts the whole step of all processes.
+
+    python benchmarks/train_step.py                   # 224 px, 4 pairs, fp32 and bf16 autocast, 1 process
+    python benchmarks/train_step.py --procs 1 2       # also 2 gloo processes sharing the cores
     python benchmarks/train_step.py --size 512        # the paper's GLDv2 resolution
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.distributed as dist
 
-from benchmarks.common import (
-    add_common_args,
-    describe_machine,
-    machine_info,
-    median,
-    print_table,
-    setup,
-    stage,
-    time_interleaved,
-    write_json,
-)
+from benchmarks import common
 from models.distill_model import DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening
 from models.students import build_student
 from models.teachers import build_teacher
+from utils.distributed import DistContext, _free_port, init_distributed
+from utils.engine import distill_step, wrap_distributed
 from utils.runtime import autocast
 
 TEACHER_SETS = {2: ("resnet101_delg", "resnet101_dolg"),
@@ -46,76 +47,120 @@ def random_pca(dim1: int, dim2: int, g: torch.Generator) -> PCAWhitening:
     return layer
 
 
-def build(names: tuple[str, ...], arch: str, embed_dim: int, device: torch.device, seed: int):
-    g = torch.Generator().manual_seed(seed)
+def build(names: tuple[str, ...], args: argparse.Namespace, ctx: DistContext):
+    """(module to call, bare DistillModel, loss, optimizer, grad scaler) as the training scripts set them up."""
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # identical student initialisation on every rank
     teachers = {n: build_teacher(n) for n in names}
-    pcas = {n: random_pca(t.embed_dim, embed_dim, g) for n, t in teachers.items()}
-    model = DistillModel(build_student(arch, embed_dim=embed_dim), WhitenedTeachers.from_modules(teachers, pcas))
-    model = model.to(device).train()
-    loss_fn = MultiTeacherDistillLoss(teachers=list(names)).to(device)
-    optimizer = torch.optim.Adam(model.base_encoder.parameters(), lr=1e-3, weight_decay=1e-6)
-    return model, loss_fn, optimizer
+    pcas = {n: random_pca(t.embed_dim, args.embed_dim, g) for n, t in teachers.items()}
+    bare = DistillModel(build_student(args.arch, embed_dim=args.embed_dim),
+                        WhitenedTeachers.from_modules(teachers, pcas))
+    model, student = wrap_distributed(bare, ctx)
+    model.train()
+    loss_fn = MultiTeacherDistillLoss(teachers=list(names)).to(ctx.device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=1e-6)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)  # per amp mode below
+    return model, bare, loss_fn, optimizer, scaler
 
 
-def bench(args: argparse.Namespace, n_teachers: int, device: torch.device) -> list[dict]:
+def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list[dict]:
+    """Time the step (and the teachers alone) of every ``--amp`` mode, interleaved, on this rank's share of the
+    batch; every timed call ends with a barrier, so a time is that of the slowest process."""
     names = TEACHER_SETS[n_teachers]
-    with stage(f"building {n_teachers} teachers"):
-        model, loss_fn, optimizer = build(names, args.arch, args.embed_dim, device, args.seed)
-    x1 = torch.randn(args.pairs, 3, args.size, args.size, device=device)
-    x2 = torch.randn(args.pairs, 3, args.size, args.size, device=device)
+    pairs = args.pairs // ctx.world_size
+    with common.stage(f"building {n_teachers} teachers" + (f" (rank {ctx.rank})" if ctx.distributed else "")):
+        model, bare, loss_fn, optimizer, _ = build(names, args, ctx)
+    x1 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
+    x2 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
+    scalers = {amp: torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16") for amp in args.amp}
+    sync = dist.barrier if ctx.distributed else (lambda: None)
     fns = {}
     for amp in args.amp:
         def step(amp: str = amp) -> None:
-            with autocast(amp, device):
-                s1, s2, t1, t2 = model(x1, x2)
-                loss = sum(loss_fn(s1, s2, t1, t2).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            distill_step(model, loss_fn, optimizer, scalers[amp], x1, x2, amp, ctx.device)
+            sync()
 
         def teachers_only(amp: str = amp) -> None:
-            with torch.no_grad(), autocast(amp, device):
-                model.teacher_encoders(x1), model.teacher_encoders(x2)
+            with torch.no_grad(), autocast(amp, ctx.device):
+                bare.teacher_encoders(x1), bare.teacher_encoders(x2)
+            sync()
 
         fns[f"step/{amp}"], fns[f"teachers/{amp}"] = step, teachers_only
-    times = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    times = common.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=ctx.device)
     rows = []
     for amp in args.amp:
-        step_s, teach_s = median(times[f"step/{amp}"]), median(times[f"teachers/{amp}"])
+        step_s, teach_s = common.median(times[f"step/{amp}"]), common.median(times[f"teachers/{amp}"])
         rows.append({"teachers": "+".join(names), "n_teachers": n_teachers, "amp": amp, "size": args.size,
-                     "pairs": args.pairs, "step_s": step_s, "images_per_s": 2 * args.pairs / step_s,
-                     "teacher_s": teach_s, "teacher_share": teach_s / step_s,
+                     "procs": ctx.world_size, "threads": torch.get_num_threads(), "pairs": args.pairs,
+                     "step_s": step_s, "images_per_s": 2 * args.pairs / step_s, "teacher_s": teach_s,
+                     "teacher_share": teach_s / step_s,
                      "step_runs_s": times[f"step/{amp}"], "teacher_runs_s": times[f"teachers/{amp}"]})
     return rows
 
 
+def _rank_main(local_rank: int, args: argparse.Namespace, n_teachers: int, procs: int, dist_url: str,
+               threads: int, use_cuda: bool, result: str) -> None:
+    torch.set_num_threads(threads)
+    ctx = init_distributed(local_rank, use_cuda, dist_url, 0, procs)
+    try:
+        rows = measure(args, n_teachers, ctx)
+        if ctx.is_main:
+            Path(result).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench(args: argparse.Namespace, n_teachers: int, procs: int, device: torch.device) -> list[dict]:
+    """One process in this one, or ``procs`` spawned processes sharing this process's threads (or one GPU each)."""
+    if procs == 1:
+        return measure(args, n_teachers, DistContext(device=device))
+    use_cuda = device.type == "cuda"
+    if use_cuda and procs > torch.cuda.device_count():
+        raise SystemExit(f"--procs {procs} needs {procs} GPUs; {torch.cuda.device_count()} visible")
+    threads = max(1, torch.get_num_threads() // (1 if use_cuda else procs))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "rows.json")
+        torch.multiprocessing.spawn(_rank_main, nprocs=procs, args=(args, n_teachers, procs,
+                                    f"tcp://127.0.0.1:{_free_port()}", threads, use_cuda, result))
+        return json.loads(Path(result).read_text())
+
+
 COLUMNS = [("teachers", "teachers", ""), ("amp", "amp", ""), ("size", "px", "d"), ("pairs", "pairs", "d"),
-           ("step_s", "step (s)", ".2f"), ("images_per_s", "img/s", ".2f"), ("teacher_s", "teachers (s)", ".2f"),
+           ("procs", "processes", "d"), ("threads", "threads/process", "d"), ("step_s", "step (s)", ".2f"),
+           ("images_per_s", "img/s", ".2f"), ("teacher_s", "teachers (s)", ".2f"),
            ("teacher_share", "teacher share", ".0%")]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224, help="image size in px (the paper trains at 512)")
-    parser.add_argument("--pairs", type=int, default=4, help="positive pairs per step (2 x pairs images)")
+    parser.add_argument("--pairs", type=int, default=4, help="positive pairs per step over all processes")
     parser.add_argument("--teachers", type=int, nargs="+", default=[2, 3], choices=sorted(TEACHER_SETS),
                         help="teacher sets: 2 = DELG+DOLG, 3 = GeM+AP-GeM+SOLAR")
     parser.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16", "fp16"],
                         help="autocast modes to compare (fp16 needs a GPU)")
+    parser.add_argument("--procs", type=int, nargs="+", default=[1],
+                        help="process counts to compare (gloo on CPU); the batch is split between them")
     parser.add_argument("-a", "--arch", default="resnet18", help="student architecture")
     parser.add_argument("--embed_dim", type=int, default=512, help="student / PCA output dimension")
-    add_common_args(parser, repeats=2, warmup=1)
+    common.add_common_args(parser, repeats=2, warmup=1)
     return parser
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
-    device = setup(args)
-    machine = machine_info(device)
-    rows = [row for n in args.teachers for row in bench(args, n, device)]
-    print_table(f"Distillation step, student {args.arch}, medians of {args.repeats} "
-                f"[{describe_machine(machine)}]", rows, COLUMNS)
-    write_json(args.json, "train_step", args, machine, {"rows": rows})
+    device = common.setup(args)
+    for procs in args.procs:
+        if procs < 1 or args.pairs % procs or args.pairs // procs < 2:
+            raise SystemExit(f"--procs {procs}: --pairs {args.pairs} must split into >= 2 pairs per process "
+                             "(BatchNorm needs 2 samples)")
+    if "fp16" in args.amp and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a GPU; use --amp none bf16 on CPU.")
+    machine = common.machine_info(device)
+    rows = [row for n in args.teachers for procs in args.procs for row in bench(args, n, procs, device)]
+    common.print_table(f"Distillation step, student {args.arch}, medians of {args.repeats} "
+                       f"[{common.describe_machine(machine)}]", rows, COLUMNS)
+    common.write_json(args.json, "train_step", args, machine, {"rows": rows})
     return rows
 
 

@@ -331,8 +331,10 @@ def item_positions(scores: torch.Tensor, items: Sequence[np.ndarray], chunk_size
         if not bool(torch.isfinite(block).all()):  # per chunk: a whole-matrix check would cost ~7 bytes per score
             raise ValueError("scores contain NaN or infinite values; check the extracted features")
         left = torch.searchsorted(thresholds, block, right=False)
-        counts += torch.bincount((left + offsets).flatten(), minlength=nq * (width + 1)).view(nq, width + 1)
-        tied = thresholds.gather(1, left.clamp(max=width - 1)) == block
+        left += offsets  # in place (as below): the chunk's temporaries stay at two (nq, c) tensors
+        counts += torch.bincount(left.view(-1), minlength=nq * (width + 1)).view(nq, width + 1)
+        left -= offsets
+        tied = thresholds.gather(1, left.clamp_(max=width - 1)) == block  # a tie is never in the padding bucket
         q_t, j_t = torch.nonzero(tied, as_tuple=True)
         ties.append((q_t, j_t + start, left[q_t, j_t]))
     # strictly higher = database scores in buckets at or above the first bucket past the item's tie group

@@ -36,3 +36,53 @@ def test_video_reference_is_independent_of_padding_content():
                                reference_similarity(q, qlens, c, clens, "cf", 2))
     torch.testing.assert_close(video_similarity(q, qlens, c, clens, "cf"),
                                reference_similarity(q, qlens, c, clens, "cf", 3))
+
+
+def test_ensemble_rows_sum_members_and_divide_by_each_student():
+    from benchmarks.embedding_cost import ENSEMBLES, ensemble_rows
+
+    def row(name, seconds, gflops, params, peak):
+        return {"model": name, "size": 64, "seconds_per_image": seconds, "gflops_per_image": gflops,
+                "params_m": params, "matmul_peak_gflops": peak}
+
+    members = ENSEMBLES["DELG+DOLG"]
+    rows = [row("resnet18", 0.5, 2.0, 11.0, 100.0), row("resnet34", 1.0, 4.0, 21.0, 100.0),
+            row(members[0], 3.0, 10.0, 40.0, 90.0), row(members[1], 5.0, 14.0, 45.0, 110.0)]
+    (ens,) = ensemble_rows(rows, 64)  # only DELG+DOLG has all its members
+    assert ens["model"] == "ensemble DELG+DOLG"
+    assert ens["seconds_per_image"] == pytest.approx(8.0) and ens["gflops_per_image"] == pytest.approx(24.0)
+    assert ens["params_m"] == pytest.approx(85.0)
+    assert ens["speedup_resnet18"] == pytest.approx(16.0) and ens["speedup_resnet34"] == pytest.approx(8.0)
+    assert ens["peak_frac"] == pytest.approx(24.0 / 8.0 / 100.0)
+
+
+def test_peak_memory_sees_a_fresh_allocation_after_fragmenting_ones():
+    """The RSS-based peak must report a block's own allocation, not the heap's history (run in a fresh process:
+    ``setup`` changes the C allocator's settings process-wide)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch; from benchmarks.common import map_large_allocations, peak_memory\n"
+        "assert map_large_allocations()\n"
+        "keep = [torch.ones(2**18) for _ in range(64)]\n"            # live 64 MiB in 1 MiB pieces
+        "junk = [torch.ones(2**20 + 7 * i) for i in range(64)]; del junk\n"  # 256 MiB allocated then freed
+        "x = None\n"
+        "def block():\n"
+        "    global x\n"
+        "    x = torch.ones(2**24); x += 1; y = x * 2; del y\n"  # 64 MiB live + 64 MiB temporary
+        "print(peak_memory(block, torch.device('cpu')) / 2**20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert 120 <= float(out.stdout.strip().splitlines()[-1]) <= 140  # the 128 MiB the block holds at its peak
+
+
+def test_train_step_runs_in_one_and_two_gloo_processes():
+    from benchmarks.train_step import main
+
+    rows = main(["--size", "32", "--pairs", "4", "--teachers", "2", "--amp", "none", "--procs", "1", "2",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu"])
+    assert [r["procs"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["step_s"] > r["teacher_s"] > 0 and r["images_per_s"] == pytest.approx(8 / r["step_s"])

@@ -105,9 +105,9 @@ def test_chunks_respect_the_element_budget(monkeypatch):
     blocks = []
     real = svd_eval._frame_level_block
 
-    def spy(q, qmask, c, cmask, sim_fn):
+    def spy(q, qmask, c, cmask, *rest):
         blocks.append(q.shape[0] * q.shape[1] * c.shape[0] * c.shape[1])
-        return real(q, qmask, c, cmask, sim_fn)
+        return real(q, qmask, c, cmask, *rest)
 
     monkeypatch.setattr(svd_eval, "_frame_level_block", spy)
     qf, ql = _padded(5, 3, 4, [3, 1, 2, 3, 1], seed=6)

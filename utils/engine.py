@@ -113,7 +113,11 @@ def build_model(args: argparse.Namespace, ctx: DistContext) -> tuple[nn.Module, 
         raise SystemExit(f"{exc}{hint}") from exc
     teachers = WhitenedTeachers(args.teachers, args.path_to_pretrained_weights, gem_p=args.p,
                                 embed_dim=args.embed_dim, trust=args.trust_checkpoint)
-    model = DistillModel(student, teachers)
+    return wrap_distributed(DistillModel(student, teachers), ctx)
+
+
+def wrap_distributed(model: DistillModel, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """Move to the device; when distributed: SyncBatchNorm (GPU) and DDP. Returns (module to call, bare student)."""
     if ctx.distributed and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the student only (teachers are hidden)
     elif ctx.distributed:
@@ -303,16 +307,11 @@ class Trainer:
                 "pos_win_share": self.win_shares(epoch_wins)}
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        with autocast(self.args.amp, self.ctx.device):
-            s1, s2, t1, t2 = self.model(x1, x2)
-        loss = sum(self.loss_fn(s1.float(), s2.float(), [t.float() for t in t1], [t.float() for t in t2]).values())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        loss = distill_step(self.model, self.loss_fn, self.optimizer, self.scaler, x1, x2, self.args.amp,
+                            self.ctx.device)
         self.scheduler.step()
         self.iteration += 1
-        return loss.detach()
+        return loss
 
     def win_shares(self, since: torch.Tensor) -> dict[str, float] | None:
         """Per-teacher share of positive wins since ``since`` (None for strategies that do not count)."""
@@ -321,6 +320,20 @@ class Trainer:
         if total == 0:
             return None
         return {name: c / total for name, c in zip(self.loss_fn.teachers, delta)}
+
+
+def distill_step(model: nn.Module, loss_fn: MultiTeacherDistillLoss, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, x1: torch.Tensor, x2: torch.Tensor, amp: str,
+                 device: torch.device) -> torch.Tensor:
+    """One optimisation step on a batch of pairs (forward under ``--amp``, loss in float32); the detached loss."""
+    with autocast(amp, device):
+        s1, s2, t1, t2 = model(x1, x2)
+    loss = sum(loss_fn(s1.float(), s2.float(), [t.float() for t in t1], [t.float() for t in t2]).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 def resolve_resume(args: argparse.Namespace) -> Path | None:

@@ -71,17 +71,18 @@ def video_descriptors(frame_feats: torch.Tensor, lens: torch.Tensor, sim_fn: str
 
 
 def _frame_level_block(q: torch.Tensor, qmask: torch.Tensor, c: torch.Tensor, cmask: torch.Tensor,
-                       sim_fn: str) -> torch.Tensor:
-    """(q, Fq, D) x (c, Fc, D) -> (q, c) through one (q*Fq, D) @ (D, c*Fc) product."""
+                       sim_fn: str, buffer: torch.Tensor) -> torch.Tensor:
+    """(q, Fq, D) x (c, Fc, D) -> (q, c) through one (q*Fq, D) @ (D, c*Fc) product written into ``buffer``."""
     nq, fq, dim = q.shape
     nc, fc, _ = c.shape
-    sims = (q.reshape(nq * fq, dim) @ c.reshape(nc * fc, dim).T).view(nq, fq, nc, fc)
-    qm = qmask[:, :, None, None]
-    cm = cmask[None, None, :, :]
-    if sim_fn == "smx":
-        return sims.masked_fill_(~(qm & cm), float("-inf")).amax(dim=(1, 3))
-    # chamfer: best candidate frame per query frame, averaged over the valid query frames
-    best = sims.masked_fill_(~cm, float("-inf")).amax(dim=3)  # (q, Fq, c)
+    sims = buffer[: nq * fq * nc * fc].view(nq * fq, nc * fc)
+    torch.mm(q.reshape(nq * fq, dim), c.reshape(nc * fc, dim).T, out=sims)
+    sims = sims.view(nq, fq, nc, fc)
+    # best valid candidate frame per query frame: one contiguous reduction over the innermost axis
+    best = sims.masked_fill_(~cmask[None, None, :, :], float("-inf")).amax(dim=3)  # (q, Fq, c)
+    if sim_fn == "smx":  # then the best valid query frame
+        return best.masked_fill_(~qmask[:, :, None], float("-inf")).amax(dim=1)
+    # chamfer: the best candidate frames averaged over the valid query frames
     return best.masked_fill_(~qmask[:, :, None], 0).sum(1) / qmask.sum(1)[:, None]
 
 
@@ -103,12 +104,14 @@ def frame_level_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: to
     out = qfeats.new_empty((nq, nc))
     per_pair = fq * fc
     q_step = max(1, min(nq, max_elements // per_pair))
-    c_step = max(1, max_elements // (q_step * per_pair))
+    c_step = max(1, min(nc, max_elements // (q_step * per_pair)))
+    # one buffer for every chunk's pair similarities: fresh pages per chunk would cost a page fault each
+    buffer = qfeats.new_empty(min(q_step, nq) * c_step * per_pair)
     for q0 in range(0, nq, q_step):
         for c0 in range(0, nc, c_step):
             out[q0:q0 + q_step, c0:c0 + c_step] = _frame_level_block(
                 qfeats[q0:q0 + q_step], qmask[q0:q0 + q_step], cfeats[c0:c0 + c_step], cmask[c0:c0 + c_step],
-                sim_fn)
+                sim_fn, buffer)
     return out
 
 
