@@ -82,7 +82,7 @@ def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list
 
         def teachers_only(amp: str = amp) -> None:
             with torch.no_grad(), autocast(amp, ctx.device):
-                bare.teacher_encoders(x1), bare.teacher_encoders(x2)
+                bare.teacher_features(x1), bare.teacher_features(x2)
             sync()
 
         fns[f"step/{amp}"], fns[f"teachers/{amp}"] = step, teachers_only

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.features import PAPER_SCALES, multiscale
+from utils.runtime import channels_last
 
 
 class EmbedderConfigError(ValueError):
@@ -40,14 +41,17 @@ class Embedder:
             return int(self.post.dim2)
         return int(self.model.embed_dim)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(channels_last(x))
+
     def single(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        out = self._forward(x)
         if self.post is not None:
             out = self.post(F.normalize(out.float(), dim=-1))
         return out
 
     def multi(self, x: torch.Tensor, scales: Sequence[float] = PAPER_SCALES) -> torch.Tensor:
-        return multiscale(self.model, x, scales, post=self.post)
+        return multiscale(self._forward, x, scales, post=self.post)
 
 
 def check_model_flags(arch: str | None, resume: str | None, teacher: str | None, pca: bool) -> None:

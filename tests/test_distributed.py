@@ -93,8 +93,8 @@ def test_ddp_step_gives_the_gradient_of_the_global_loss(two_ranks):
     x1, x2 = inputs()
     s1 = torch.cat([student(x1[:2]), student(x1[2:])])
     s2 = torch.cat([student(x2[:2]), student(x2[2:])])
-    loss = sum(MultiTeacherDistillLoss(teachers=args.teachers)(s1, s2, model.teacher_encoders(x1),
-                                                                model.teacher_encoders(x2)).values())
+    loss = sum(MultiTeacherDistillLoss(teachers=args.teachers)(s1, s2, model.teacher_features(x1),
+                                                                model.teacher_features(x2)).values())
     loss.backward()
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for res in results:

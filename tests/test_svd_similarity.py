@@ -64,7 +64,7 @@ def test_video_similarity_matches_naive_loops(sim_fn, max_elements):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sim_fn", ["sme", "smx", "cf"])
+@pytest.mark.parametrize("sim_fn", SIM_FNS)
 def test_padding_content_is_ignored_and_frame_counts_may_differ(sim_fn):
     """Garbage in the padded rows must not change anything; query and candidate F may differ."""
     qf, ql = _padded(3, 4, 6, [4, 2, 1], seed=2)
