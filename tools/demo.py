@@ -36,16 +36,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="demo_out", help="folder for data, weights, checkpoints, results")
     parser.add_argument("--teachers", nargs="+", default=["mocov3", "barlowtwins"], choices=list(TEACHERS),
                         help="teacher architectures (random weights); ResNet50 ones keep the demo quick on CPU")
-    parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default 12, --fast 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default 12, --fast 8)")
     parser.add_argument("--imsize", type=int, default=64, help="image size of the toy data and training crops")
     parser.add_argument("--embed_dim", type=int, default=32, help="PCA / student dimension (small data, small dim)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fast", action="store_true", help="reduced sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--fast", action="store_true", help="reduced sizes (about 1.5 minutes on 2 CPU cores)")
     parser.add_argument("--save_asset", action="store_true", help="copy the retrieval picture to assets/")
     args = parser.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 4 if args.fast else 12
+        args.epochs = 8 if args.fast else 12  # --fast 8: Medium mAP improves for seeds 0-4; 4 lost on 2 of 5
     return args
 
 
