@@ -23,27 +23,16 @@ if __package__ in (None, ""):
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
 from models.students import build_student
 from models.teachers import TEACHERS, build_teacher
-from utils.runtime import autocast
+from utils.runtime import AMP_DTYPES, autocast, check_amp, count_gflops
 
 STUDENTS = ("resnet18", "resnet34")
 ENSEMBLES = {"GeM+AP-GeM+SOLAR": ("resnet101_gem", "resnet101_ap_gem", "resnet101_solar"),
              "DELG+DOLG": ("resnet101_delg", "resnet101_dolg"),
              "MoCoV3+BarlowTwins": ("mocov3", "barlowtwins")}
-
-
-def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
-    return counter.get_total_flops() / 1e9 / x.shape[0]
-
-
-AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def time_model(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, device: torch.device
@@ -60,7 +49,7 @@ def time_model(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, devi
 
     probe, probe_flop = common.matmul_probe(device, AMP_DTYPES[args.amp])
     times = common.time_interleaved({"contiguous": run(model, x), "channels_last": run(model_cl, x_cl),
-                              "matmul peak": probe}, repeats=args.repeats, warmup=args.warmup, device=device)
+                                     "matmul peak": probe}, repeats=args.repeats, warmup=args.warmup, device=device)
     peak = probe_flop / common.median(times.pop("matmul peak")) / 1e9
     return {k: common.median(v) for k, v in times.items()}, peak
 
@@ -115,8 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
     device = common.setup(args)
     machine = common.machine_info(device)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
+    check_amp(args.amp, device)
     rows: list[dict] = []
     for name in args.models:
         model = build_student(name) if name in STUDENTS else build_teacher(name)

@@ -33,7 +33,7 @@ from models.students import build_student
 from models.teachers import build_teacher
 from utils.distributed import DistContext, _free_port, init_distributed
 from utils.engine import distill_step, wrap_distributed
-from utils.runtime import autocast
+from utils.runtime import autocast, check_amp
 
 TEACHER_SETS = {2: ("resnet101_delg", "resnet101_dolg"),
                 3: ("resnet101_gem", "resnet101_ap_gem", "resnet101_solar")}
@@ -48,7 +48,7 @@ def random_pca(dim1: int, dim2: int, g: torch.Generator) -> PCAWhitening:
 
 
 def build(names: tuple[str, ...], args: argparse.Namespace, ctx: DistContext):
-    """(module to call, bare DistillModel, loss, optimizer, grad scaler) as the training scripts set them up."""
+    """(module to call, bare DistillModel, loss, optimizer) as the training scripts set them up."""
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # identical student initialisation on every rank
     teachers = {n: build_teacher(n) for n in names}
@@ -59,8 +59,7 @@ def build(names: tuple[str, ...], args: argparse.Namespace, ctx: DistContext):
     model.train()
     loss_fn = MultiTeacherDistillLoss(teachers=list(names)).to(ctx.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=1e-6)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)  # per amp mode below
-    return model, bare, loss_fn, optimizer, scaler
+    return model, bare, loss_fn, optimizer
 
 
 def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list[dict]:
@@ -69,7 +68,7 @@ def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list
     names = TEACHER_SETS[n_teachers]
     pairs = args.pairs // ctx.world_size
     with common.stage(f"building {n_teachers} teachers" + (f" (rank {ctx.rank})" if ctx.distributed else "")):
-        model, bare, loss_fn, optimizer, _ = build(names, args, ctx)
+        model, bare, loss_fn, optimizer = build(names, args, ctx)
     x1 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
     x2 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
     scalers = {amp: torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16") for amp in args.amp}
@@ -154,8 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if procs < 1 or args.pairs % procs or args.pairs // procs < 2:
             raise SystemExit(f"--procs {procs}: --pairs {args.pairs} must split into >= 2 pairs per process "
                              "(BatchNorm needs 2 samples)")
-    if "fp16" in args.amp and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a GPU; use --amp none bf16 on CPU.")
+    for amp in args.amp:
+        check_amp(amp, device)
     machine = common.machine_info(device)
     rows = [row for n in args.teachers for procs in args.procs for row in bench(args, n, procs, device)]
     common.print_table(f"Distillation step, student {args.arch}, medians of {args.repeats} "

@@ -24,11 +24,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.embedding_cost import count_gflops  # noqa: E402
 from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
 from models.students import build_student, student_checkpoint_state  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
+from utils.runtime import count_gflops  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

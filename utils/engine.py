@@ -34,7 +34,7 @@ from utils.checkpoint import load_file, load_state_strict, save_atomic
 from utils.config import dump_args, to_plain
 from utils.distributed import DistContext, barrier
 from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, progress, setup_logging
-from utils.runtime import add_runtime_args, autocast, seed_everything
+from utils.runtime import add_runtime_args, autocast, check_amp, seed_everything
 
 LAST_CHECKPOINT = "checkpoint_last.pt"
 
@@ -377,9 +377,8 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * n_iters, eta_min=1e-6)
     loss_fn = MultiTeacherDistillLoss(st=args.st, tt=args.tt, strategy=args.strategy,
                                       teachers=args.teachers).to(ctx.device)
+    check_amp(args.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
-    if args.amp == "fp16" and ctx.device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
     trainer = Trainer(args, ctx, model, student, data, loader, generator, optimizer, scheduler, loss_fn, scaler,
                       MetricsWriter(ckpt_dir / "metrics.jsonl" if ctx.is_main else None))
     seed_everything(args.seed + ctx.rank)  # per-rank stream for in-process augmentation and random strategies

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from utils.distributed import add_distributed_args
 
@@ -30,14 +31,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Fail early (before models are built) on an ``--amp`` the device cannot run."""
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
+
+
 def autocast(amp: str, device: torch.device) -> AbstractContextManager:
     """Autocast context for ``--amp``; ``none`` is a no-op (exact fp32)."""
+    check_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if device.type == "cpu" and amp == "fp16":
-        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def count_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """GFLOPs per image of ``model(x)`` (``torch.utils.flop_counter``: a multiply-add counts 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops() / 1e9 / x.shape[0]
 
 
 def channels_last(images: torch.Tensor) -> torch.Tensor:

@@ -69,9 +69,10 @@ def video_descriptors(frame_feats: torch.Tensor, lens: torch.Tensor, sim_fn: str
     with each valid frame L2-normalised and the padded rows zero.
     """
     _check_sim_fn(sim_fn)
-    mask = _valid_mask(lens, frame_feats.shape[1], "video", frame_feats.device)[..., None]
+    valid = _valid_mask(lens, frame_feats.shape[1], "video", frame_feats.device)
+    mask = valid[..., None]
     if sim_fn == "fme":
-        return F.normalize(_frame_sum(frame_feats, mask[..., 0]) / mask.sum(1), dim=-1)
+        return F.normalize(_frame_sum(frame_feats, valid) / mask.sum(1), dim=-1)
     if sim_fn == "fmx":
         return F.normalize(frame_feats.masked_fill(~mask, float("-inf")).amax(1), dim=-1)
     return F.normalize(frame_feats, dim=-1).masked_fill(~mask, 0)
@@ -112,7 +113,7 @@ def frame_level_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: to
     q_step = max(1, min(nq, max_elements // per_pair))
     c_step = max(1, min(nc, max_elements // (q_step * per_pair)))
     # one buffer for every chunk's pair similarities: fresh pages per chunk would cost a page fault each
-    buffer = qfeats.new_empty(min(q_step, nq) * c_step * per_pair)
+    buffer = qfeats.new_empty(q_step * c_step * per_pair)
     for q0 in range(0, nq, q_step):
         for c0 in range(0, nc, c_step):
             out[q0:q0 + q_step, c0:c0 + c_step] = _frame_level_block(
