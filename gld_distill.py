@@ -10,41 +10,59 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datasets.gld import CSV_NAME, DistributedGroupSampler, GLDDataError, GLDPairDataset, pair_collate
+from datasets.gld import (
+    CSV_NAME,
+    DistributedGroupSampler,
+    GLDDataError,
+    GLDPairDataset,
+    check_images_exist,
+    pair_collate,
+    read_groups,
+)
 from datasets.transforms import gld_train_transform
+from utils.argtypes import existing_dir, positive_float, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
-from utils.engine import TrainData, add_distill_args, check_weight_files, run_distillation
+from utils.engine import TrainData, add_distill_args, check_distill_args, preflight, run_distillation
+from utils.files import fingerprint
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Multi-teacher distillation on Google Landmarks v2 (clean).")
+    add_distill_args(parser)
+    parser.add_argument("--gld_root_path", default="/path/to/gldv2", metavar="PATH", type=existing_dir,
+                        help="GLDv2 root (meta/train_clean.csv, train/)")
+    parser.add_argument("-tt", type=positive_float, default=0.05, help="teacher similarity temperature (default 0.05)")
+    parser.add_argument("-st", type=positive_float, default=0.05, help="student similarity temperature (default 0.05)")
+    parser.add_argument("--imsize", type=positive_int, default=512, help="RandomResizedCrop size (default 512)")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Multi-teacher distillation on Google Landmarks v2 (clean).")
-    add_distill_args(parser)
-    parser.add_argument("--gld_root_path", default="/path/to/gldv2", metavar="PATH",
-                        help="GLDv2 root (meta/train_clean.csv, train/)")
-    parser.add_argument("-tt", type=float, default=0.05, help="teacher similarity temperature")
-    parser.add_argument("-st", type=float, default=0.05, help="student similarity temperature")
-    parser.add_argument("--imsize", type=int, default=512, help="RandomResizedCrop size")
-    return parser.parse_args(argv)
+    parser = get_args_parser()
+    return check_distill_args(parser, parser.parse_args(argv))
 
 
 def build_gld_data(args: argparse.Namespace, ctx: DistContext) -> TrainData:
     dataset = GLDPairDataset(args.gld_root_path, gld_train_transform(args.imsize))
     sampler = DistributedGroupSampler(dataset.groups, args.batch_size, ctx.world_size, ctx.rank, seed=args.seed)
-    return TrainData(dataset, sampler, pair_collate)
+    return TrainData(dataset, sampler, pair_collate, fingerprint([dataset.image_ids, [len(g) for g in dataset.groups]]))
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     run_distillation(args, ctx, build_gld_data)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def check_gld(args: argparse.Namespace) -> None:
     csv_file = Path(args.gld_root_path) / CSV_NAME
     if not csv_file.is_file():
         raise SystemExit(f"GLDv2 metadata file not found: {csv_file}. --gld_root_path must contain {CSV_NAME}.")
-    check_weight_files(args, pca_script="gld_pca_learn.py")
-    launch(main_worker, args, user_errors=(GLDDataError, CheckpointError))
+    check_images_exist(args.gld_root_path, [i for g in read_groups(args.gld_root_path) for i in g], "training")
+    preflight(args, pca_script="gld_pca_learn.py")
+
+
+def main(argv: list[str] | None = None) -> None:
+    launch(main_worker, parse_args(argv), user_errors=(GLDDataError, CheckpointError), preflight=check_gld)
 
 
 if __name__ == "__main__":

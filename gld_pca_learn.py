@@ -7,24 +7,35 @@ from __future__ import annotations
 
 import argparse
 
-from datasets.gld import GLDDataError, GLDImageDataset, read_image_ids
+from datasets.gld import GLDDataError, GLDImageDataset, check_images_exist, read_image_ids
 from datasets.transforms import gld_train_transform
+from utils.argtypes import existing_dir, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
 from utils.log import log_run_header, setup_logging
-from utils.pca_learn import add_pca_args, learn_pca, sample_items
+from utils.pca_learn import add_pca_args, check_pca_args, learn_pca, sample_items
 from utils.runtime import add_runtime_args, seed_everything
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Learn the PCA-whitening of a teacher on GLDv2 images.")
     add_pca_args(parser, p_default=3.0)
-    parser.add_argument("--imsize", type=int, default=512, help="RandomResizedCrop size (the paper used 512)")
-    parser.add_argument("--num_samples", type=int, default=10000, help="images to sample (<= 0: all)")
-    parser.add_argument("--gld_root_path", type=str, default="/path/to/gldv2", metavar="PATH",
+    parser.add_argument("--imsize", type=positive_int, default=512,
+                        help="RandomResizedCrop size (default 512, as the published files)")
+    parser.add_argument("--num_samples", type=int, default=10000,
+                        help="images to sample (default 10000; <= 0: all, as the published files)")
+    parser.add_argument("--gld_root_path", type=existing_dir, default="/path/to/gldv2", metavar="PATH",
                         help="GLDv2 root (meta/train_clean_ids.txt, train/)")
     add_runtime_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples == 1:
+        parser.error("--num_samples 1: a PCA needs at least 2 images (<= 0 takes all)")
+    return check_pca_args(parser, args)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
@@ -36,9 +47,13 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     learn_pca(args.teacher, dataset, args, ctx)
 
 
+def check_images(args: argparse.Namespace) -> None:
+    ids = sample_items(read_image_ids(args.gld_root_path), args.num_samples, args.seed)
+    check_images_exist(args.gld_root_path, ids, "sampled")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    launch(main_worker, args, user_errors=(GLDDataError, CheckpointError))
+    launch(main_worker, parse_args(argv), user_errors=(GLDDataError, CheckpointError), preflight=check_images)
 
 
 if __name__ == "__main__":

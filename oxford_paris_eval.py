@@ -10,9 +10,6 @@ at full resolution unless ``--imsize``. Prints E/M/H mAP and mP@k in percent lik
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 import torch
 import torchvision.transforms as T
@@ -31,50 +28,58 @@ from datasets.oxford_paris import (
 )
 from datasets.transforms import imagenet_normalize
 from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
-from models.students import STUDENT_ARCHS, TIMM_PREFIX
+from models.students import STUDENT_ARCHS, check_student_arch
 from models.teachers import TEACHERS
+from utils.argtypes import (
+    checked_by,
+    existing_dir,
+    existing_file,
+    nonnegative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, barrier, launch
 from utils.features import PAPER_SCALES, distributed_loader, extract_features
+from utils.files import write_json
 from utils.log import get_logger, log_run_header, setup_logging
 from utils.runtime import add_runtime_args, seed_everything
 
 USER_ERRORS = (CheckpointError, DatasetError, EmbedderConfigError, CorruptImageError, FileNotFoundError)
 
 
-def student_arch(value: str) -> str:
-    if value in STUDENT_ARCHS or (value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX)):
-        return value
-    raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose from {', '.join(STUDENT_ARCHS)} "
-                                     "or timm:<model name>)")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluation on roxford5k or rparis6k.")
-    parser.add_argument("-dp", "--data_path", default="/path/to/datasets", type=str,
+    parser.add_argument("-dp", "--data_path", default="/path/to/datasets", type=existing_dir,
                         help="root holding <dataset>/gnd_<dataset>.pkl, <dataset>/jpg/ and revisitop1m/")
     parser.add_argument("-d", "--dataset", default="roxford5k", type=str, choices=list(DATASETS))
-    parser.add_argument("-a", "--arch", default=None, type=student_arch, metavar="ARCH",
+    parser.add_argument("-a", "--arch", default=None, type=checked_by(check_student_arch), metavar="ARCH",
                         help=f"student architecture: {', '.join(STUDENT_ARCHS)} or timm:<name> (needs -r)")
     parser.add_argument("-t", "--teacher", default=None, type=str, choices=list(TEACHERS), metavar="NAME",
                         help=f"teacher to evaluate instead of a student: {', '.join(TEACHERS)}")
-    parser.add_argument("--imsize", default=None, type=int,
+    parser.add_argument("--imsize", default=None, type=positive_int,
                         help="shrink images so the long side is at most this (LANCZOS); default: full resolution")
-    parser.add_argument("--num_workers", default=8, type=int, help="data loader workers per process")
-    parser.add_argument("-r", "--resume", default=None, type=str, help="student checkpoint to evaluate")
+    parser.add_argument("--num_workers", default=8, type=nonnegative_int,
+                        help="data loader workers per process (default 8)")
+    parser.add_argument("-r", "--resume", default=None, type=existing_file, help="student checkpoint to evaluate")
     parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", type=str,
                         help="folder of the published teacher files and pca_weights/")
     parser.add_argument("-ms", "--multiscale", action="store_true", help="multi-scale descriptors (1, 1/sqrt2, 1/2)")
-    parser.add_argument("--embed_dim", default=512, type=int, help="student output / PCA dimension")
-    parser.add_argument("-p", default=3, type=float, help="GeM power")
+    parser.add_argument("--embed_dim", default=512, type=positive_int,
+                        help="student output / PCA dimension (default 512)")
+    parser.add_argument("-p", default=3, type=positive_float, help="GeM power (default 3)")
     parser.add_argument("--plus1m", action="store_true", help="add the revisitop1m distractors to the database")
     parser.add_argument("--pca", action="store_true", help="PCA-whiten a teacher's descriptors")
     parser.add_argument("--crop_queries", action="store_true",
                         help="crop queries to their bbx (standard revisitop protocol; the paper does not)")
-    parser.add_argument("--output_json", default=None, type=str, help="write the results to this JSON file")
-    parser.add_argument("--visualize", default=None, type=str, metavar="DIR",
+    parser.add_argument("--output_json", default=None, type=output_file,
+                        help="write the results to this JSON file (replaced if it exists)")
+    parser.add_argument("--visualize", default=None, type=output_dir, metavar="DIR",
                         help="write one PNG per query: the query and its top results framed by label")
-    parser.add_argument("--visualize_top", default=10, type=int, metavar="K", help="results per picture")
+    parser.add_argument("--visualize_top", default=10, type=positive_int, metavar="K",
+                        help="results per picture (default 10)")
     add_runtime_args(parser)
     return parser
 
@@ -83,13 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        check_model_flags(args.arch, args.resume, args.teacher, args.pca)
+        check_model_flags(args.arch, args.resume, args.teacher, args.pca, args.embed_dim)
     except EmbedderConfigError as exc:
         parser.error(str(exc))
-    if args.imsize is not None and args.imsize <= 0:
-        parser.error(f"--imsize must be positive, got {args.imsize}")
-    if args.visualize_top <= 0:
-        parser.error(f"--visualize_top must be positive, got {args.visualize_top}")
     return args
 
 
@@ -113,9 +114,8 @@ def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
              "database": dataset.database(transform, args.imsize)}
     if args.plus1m:
         parts["distractor"] = distractor_images(args.data_path, transform, args.imsize)
-    for name, images in parts.items():
-        if name != "distractor":  # 1M stat calls can be slow on network storage; distractors fail on access
-            require_images(images, name)
+    for name, images in parts.items():  # before hours of extraction (1M parallel stats take seconds)
+        require_images(images, name)
         logger.info("%s: %d images", name, len(images))
 
     embed = embedder.multi if args.multiscale else embedder.single
@@ -146,16 +146,6 @@ def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
                                         parts.get("distractor"))
             logger.info("%d retrieval pictures written to %s", len(written), args.visualize)
     barrier()
-
-
-def write_json(path: str, record: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:

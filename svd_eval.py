@@ -9,8 +9,6 @@ videos inside the top k. Prints ``top-100 mAP: 0.xxxx | top-inf mAP: 0.xxxx``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from datasets.svd.data import VideoFrames, frames_per_video, video_collate
 from datasets.svd.eval import (
@@ -25,72 +23,93 @@ from datasets.svd.eval import (
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_test_transform
 from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
+from models.students import check_student_arch
+from models.teachers import TEACHERS
+from utils.argtypes import checked_by, existing_file, nonnegative_int, output_file, positive_float, positive_int
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
 from utils.features import distributed_loader
+from utils.files import write_json
 from utils.log import log_run_header, setup_logging
 from utils.runtime import add_runtime_args, seed_everything
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from models.teachers import TEACHERS
-
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Video retrieval evaluation on SVD.")
-    parser.add_argument("-a", "--arch", default=None, metavar="ARCH",
+    parser.add_argument("-a", "--arch", default=None, metavar="ARCH", type=checked_by(check_student_arch),
                         help="student to evaluate: resnet18, resnet34 or timm:<name> (with -r)")
     parser.add_argument("-t", "--teacher", default=None, choices=list(TEACHERS), metavar="NAME",
                         help=f"teacher to evaluate instead: {', '.join(TEACHERS)}")
-    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE",
-                        help="SVD metadata yaml (keys of config/svd.yaml)")
-    parser.add_argument("--max_frames", type=int, default=60, help="use the first N frames of each video")
-    parser.add_argument("--stride", type=int, default=1, help="take every N-th of those frames")
-    parser.add_argument("-b", "--batch_size", type=int, default=16, help="videos per batch and process")
-    parser.add_argument("--num_workers", type=int, default=8, help="data loader workers per process")
-    parser.add_argument("--topk", type=int, nargs="+", default=[100], metavar="K",
-                        help="report mAP@K for each K (besides top-inf, the full ranking)")
+    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE", type=existing_file,
+                        help="SVD metadata yaml (keys of config/svd.yaml; default config/svd.yaml)")
+    parser.add_argument("--max_frames", type=positive_int, default=60,
+                        help="use the first N frames of each video (default 60)")
+    parser.add_argument("--stride", type=positive_int, default=1, help="take every N-th of those frames (default 1)")
+    parser.add_argument("-b", "--batch_size", type=positive_int, default=16,
+                        help="videos per batch and process (default 16)")
+    parser.add_argument("--num_workers", type=nonnegative_int, default=8,
+                        help="data loader workers per process (default 8)")
+    parser.add_argument("--topk", type=positive_int, nargs="+", default=[100], metavar="K",
+                        help="report mAP@K for each K (default 100), besides top-inf (the full ranking)")
     parser.add_argument("--sim_fn", default="fmx", choices=SIM_FNS,
                         help="fme/fmx: mean/max-pooled video descriptors; sme/smx/cf: mean/max/chamfer over "
                              "frame pairs (default fmx as the paper's code; its README uses cf)")
     parser.add_argument("--subset_eval", action="store_true",
                         help="rank the labeled candidates only (no unlabeled distractors)")
-    parser.add_argument("-r", "--resume", default=None, metavar="CKPT", help="student checkpoint (with -a)")
-    parser.add_argument("--embed_dim", type=int, default=512, help="student / PCA output dimension")
-    parser.add_argument("-p", type=float, default=1.0, help="GeM power (the paper: 1 for SVD)")
+    parser.add_argument("-r", "--resume", default=None, metavar="CKPT", type=existing_file,
+                        help="student checkpoint (with -a)")
+    parser.add_argument("--embed_dim", type=positive_int, default=512,
+                        help="student / PCA output dimension (default 512)")
+    parser.add_argument("-p", type=positive_float, default=1.0, help="GeM power (the paper: 1 for SVD)")
     parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", metavar="DIR",
                         help="folder of the teacher files and pca_weights/ (with -t)")
     parser.add_argument("--pca", action="store_true", help="whiten a teacher's frame descriptors with its PCA file")
     parser.add_argument("--input_norm", default="none", choices=["none", "imagenet"],
                         help="none: ToTensor only, as the paper's evaluation (B15); imagenet: add the ImageNet "
                              "normalisation the models were trained with")
-    parser.add_argument("--crop_size", type=int, default=224,
+    parser.add_argument("--crop_size", type=positive_int, default=224,
                         help="CenterCrop size after Resize(crop*256/224) (the paper: 224)")
-    parser.add_argument("--max_elements", type=int, default=DEFAULT_MAX_ELEMENTS,
-                        help="frame-level similarities: most frame pairs held in memory at once")
-    parser.add_argument("--output_json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--max_elements", type=positive_int, default=DEFAULT_MAX_ELEMENTS,
+                        help="frame-level similarities: most frame pairs held in memory at once "
+                             f"(default {DEFAULT_MAX_ELEMENTS})")
+    parser.add_argument("--output_json", default=None, metavar="FILE", type=output_file,
+                        help="write the results as JSON (replaced if it exists)")
     add_runtime_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
-    if any(k <= 0 for k in args.topk):
-        parser.error(f"--topk values must be positive integers, got {args.topk}")
-    for flag in ("max_frames", "stride", "batch_size", "crop_size", "max_elements"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1")
     try:
-        check_model_flags(args.arch, args.resume, args.teacher, args.pca)
+        check_model_flags(args.arch, args.resume, args.teacher, args.pca, args.embed_dim)
     except EmbedderConfigError as exc:
         parser.error(str(exc))
     return args
+
+
+def evaluation_videos(args: argparse.Namespace) -> tuple[SVDMeta, list[str], list[str], list[str]]:
+    """(metadata, queries, labeled candidates, unlabeled candidates) of the evaluation."""
+    meta = SVDMeta.from_yaml(args.dataset_meta)
+    queries, labeled = meta.test_query_ids, meta.test_labeled_ids
+    if not queries:
+        raise SVDMetaError(f"the test ground truth of {args.dataset_meta} lists no query")
+    return meta, queries, labeled, [] if args.subset_eval else meta.unlabeled_ids
+
+
+def check_frames(args: argparse.Namespace) -> None:
+    """Every test video's frames are on disk, before the extraction."""
+    meta, queries, labeled, unlabeled = evaluation_videos(args)
+    for ids, role in ((queries, "test query"), (labeled + unlabeled, "test candidate")):
+        meta.check_frames_on_disk(ids, meta.check_videos(ids, role), role, max_frames=args.max_frames)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> dict | None:
     logger = setup_logging(ctx.is_main)
     log_run_header(logger, args)
     seed_everything(args.seed)
-    meta = SVDMeta.from_yaml(args.dataset_meta)
-    queries, labeled = meta.test_query_ids, meta.test_labeled_ids
-    unlabeled = [] if args.subset_eval else meta.unlabeled_ids
-    if not queries:
-        raise SVDMetaError(f"the test ground truth of {args.dataset_meta} lists no query")
+    meta, queries, labeled, unlabeled = evaluation_videos(args)
     query_counts = meta.check_videos(queries, "test query")
     candidates = labeled + unlabeled
     candidate_counts = meta.check_videos(candidates, "test candidate")
@@ -122,15 +141,14 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> dict | None:
     print(format_map(result), flush=True)
     if args.output_json:
         record = {"sim_fn": args.sim_fn, "map": result, "n_queries": len(queries), "n_candidates": len(candidates)}
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.output_json, record)
         logger.info("wrote %s", args.output_json)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    launch(main_worker, args, user_errors=(SVDMetaError, ConfigError, CheckpointError, EmbedderConfigError))
+    launch(main_worker, parse_args(argv), user_errors=(SVDMetaError, ConfigError, CheckpointError,
+                                                       EmbedderConfigError), preflight=check_frames)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,31 @@ import argparse
 from datasets.svd.data import FrameList, sample_pca_frames
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_pca_transform
+from utils.argtypes import existing_file, positive_int
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
 from utils.log import get_logger, log_run_header, setup_logging
-from utils.pca_learn import add_pca_args, learn_pca
+from utils.pca_learn import add_pca_args, check_pca_args, learn_pca
 from utils.runtime import add_runtime_args, seed_everything
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Learn the PCA-whitening of a teacher on SVD training frames.")
     add_pca_args(parser, p_default=1.0)
-    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE",
-                        help="SVD metadata yaml (keys of config/svd.yaml)")
-    parser.add_argument("--frames_per_video", type=int, default=60,
-                        help="random frames per training video (the paper: 60)")
-    parser.add_argument("--crop_size", type=int, default=224,
+    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE", type=existing_file,
+                        help="SVD metadata yaml (keys of config/svd.yaml; default config/svd.yaml)")
+    parser.add_argument("--frames_per_video", type=positive_int, default=60,
+                        help="random frames per training video (default 60, the paper's)")
+    parser.add_argument("--crop_size", type=positive_int, default=224,
                         help="RandomResizedCrop size (the paper: 224; smaller only for quick tests)")
     add_runtime_args(parser)
-    args = parser.parse_args(argv)
-    if args.frames_per_video < 1:
-        parser.error("--frames_per_video must be >= 1")
-    return args
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    return check_pca_args(parser, parser.parse_args(argv))
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
@@ -40,17 +43,20 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     log_run_header(logger, args)
     seed_everything(args.seed + ctx.rank)  # augmentation differs per rank, reproducibly
     meta = SVDMeta.from_yaml(args.dataset_meta)
-    videos = meta.train_ids
-    if not videos:
-        raise SVDMetaError(f"the training ground truth of {args.dataset_meta} lists no video")
-    frames = sample_pca_frames(videos, meta.check_videos(videos, "training"), args.frames_per_video, args.seed)
+    videos, counts = meta.training_videos()
+    frames = sample_pca_frames(videos, counts, args.frames_per_video, args.seed)
     get_logger().info("SVD PCA frames: %d from %d training videos", len(frames), len(videos))
     learn_pca(args.teacher, FrameList(meta.frame_root, frames, svd_pca_transform(args.crop_size)), args, ctx)
 
 
+def check_frames(args: argparse.Namespace) -> None:
+    meta = SVDMeta.from_yaml(args.dataset_meta)
+    meta.check_frames_on_disk(*meta.training_videos(), "training")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    launch(main_worker, args, user_errors=(SVDMetaError, ConfigError, CheckpointError))
+    launch(main_worker, parse_args(argv), user_errors=(SVDMetaError, ConfigError, CheckpointError),
+           preflight=check_frames)
 
 
 if __name__ == "__main__":

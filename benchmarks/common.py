@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils import files
+from utils.config import to_plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -280,34 +282,14 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[Co
     print(format_table(rows, columns), flush=True)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.device):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def write_json(path: str | os.PathLike | None, benchmark: str, args: argparse.Namespace, machine: dict[str, Any],
                results: dict[str, Any]) -> None:
     """``{"benchmark", "command", "args", "machine", "results"}`` (NaN -> null), written atomically."""
     if not path:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "args": _plain(vars(args)), "machine": _plain(machine), "results": _plain(results)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+              "args": vars(args), "machine": machine, "results": results}
+    files.write_json(path, to_plain(record))
     print(f"\nresults written to {path}", flush=True)
 
 

@@ -10,6 +10,7 @@ the sampler keeps its own pair-choosing RNG so that a resumed run draws the same
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from datasets.sampler import ShardedEpochSampler
+from utils.files import files_exist, read_text
 from utils.log import get_logger
 
 CSV_NAME = "meta/train_clean.csv"
@@ -54,13 +56,21 @@ def read_groups(root: str | Path, min_images: int = 2) -> list[list[str]]:
     path = Path(root) / CSV_NAME
     if not path.is_file():
         raise GLDDataError(f"GLDv2 metadata file not found: {path}. --gld_root_path must contain {CSV_NAME}.")
-    with open(path, newline="") as f:
+    with io.StringIO(read_text(path, GLDDataError, "GLDv2 metadata file"), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "images" not in [c.strip() for c in reader.fieldnames]:
             raise GLDDataError(f"{path} has no 'images' column (header: {reader.fieldnames}); expected the GLDv2 "
                                "train_clean.csv header 'landmark_id,images'.")
         reader.fieldnames = [c.strip() for c in reader.fieldnames]
-        groups = [(row["images"] or "").split() for row in reader]
+        groups = []
+        for row in reader:
+            group = (row["images"] or "").split()
+            if len(set(group)) != len(group):  # two copies of one image would be a pair of an image with itself
+                twice = next(i for i in group if group.count(i) > 1)
+                raise GLDDataError(f"{path}:{reader.line_num}: landmark {row.get('landmark_id')!r} lists image "
+                                   f"{twice} more than once; a pair must be two different images. Remove the "
+                                   "repeat from the CSV (or use a filtered copy).")
+            groups.append(group)
     kept = [g for g in groups if len(g) >= min_images]
     if not kept:
         raise GLDDataError(f"{path} has no landmark with at least {min_images} images ({len(groups)} rows read); "
@@ -76,11 +86,21 @@ def read_image_ids(root: str | Path) -> list[str]:
     if not path.is_file():
         raise GLDDataError(f"GLDv2 id list not found: {path}. --gld_root_path must contain {IDS_NAME} "
                            "(one image id per line, e.g. all ids of meta/train_clean.csv).")
-    with open(path) as f:
-        ids = [line.strip() for line in f if line.strip()]
+    ids = [line.strip() for line in read_text(path, GLDDataError, "GLDv2 id list").splitlines() if line.strip()]
     if not ids:
         raise GLDDataError(f"{path} lists no image ids")
     return ids
+
+
+def check_images_exist(root: str | Path, image_ids: Sequence[str], what: str) -> None:
+    """Before any work: every image file is there (parallel stats; 1.58M take seconds on a local disk), so a missing
+    one is not found hours into a run."""
+    paths = [image_path(root, i) for i in image_ids]
+    missing = [p for p, ok in zip(paths, files_exist(paths)) if not ok]
+    if missing:
+        raise GLDDataError(f"{len(missing)} of {len(paths)} {what} image(s) not found under {Path(root) / 'train'}, "
+                           f"e.g. {missing[0]}. Complete the download, or train on the images present with a "
+                           "filtered CSV.")
 
 
 class GLDPairDataset(Dataset):

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from utils.files import files_exist, read_text
+
 DATASETS = ("roxford5k", "rparis6k")
 DISTRACTORS = "revisitop1m"
 KAPPAS = (1, 5, 10)
@@ -107,9 +109,23 @@ def _check_ground_truth(cfg: Any, path: Path) -> None:
         if missing:
             raise GroundTruthError(f"{path}: gnd[{q}] lacks {sorted(missing)}")
         for key in ("easy", "hard", "junk"):
-            idx = np.asarray(entry[key], dtype=np.int64).reshape(-1)
+            idx = _index_array(entry[key], f"{path}: gnd[{q}]['{key}']")
             if idx.size and (idx.min() < 0 or idx.max() >= n_db):
                 raise GroundTruthError(f"{path}: gnd[{q}]['{key}'] has indices outside the {n_db} database images")
+
+
+def _index_array(values: Any, where: str) -> np.ndarray:
+    """Database indices as int64; a value that is not a whole number is an error (a cast would truncate it)."""
+    try:
+        raw = np.asarray(values).reshape(-1)
+    except (ValueError, TypeError):
+        raise GroundTruthError(f"{where} is not a list of image indices") from None
+    if raw.size == 0 or raw.dtype.kind in "iu":
+        return raw.astype(np.int64)
+    if raw.dtype.kind == "f" and np.all(np.isfinite(raw)) and np.all(raw == np.round(raw)):
+        return raw.astype(np.int64)
+    bad = [v for v in raw.tolist() if not (isinstance(v, (int, float)) and float(v).is_integer())][:3]
+    raise GroundTruthError(f"{where} holds values that are not image indices (whole numbers), e.g. {bad}")
 
 
 def revisited_ground_truth(gnd: Sequence[dict], mode: str) -> list[dict[str, np.ndarray]]:
@@ -149,7 +165,8 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def missing(self) -> list[Path]:
-        return [p for p in self.paths if not p.is_file()]
+        """The paths that are not files, in order."""
+        return [p for p, ok in zip(self.paths, files_exist(self.paths)) if not ok]
 
     def load(self, index: int) -> Image.Image:
         path = self.paths[index]
@@ -212,11 +229,22 @@ class RevisitedDataset:
         if crop:
             if any("bbx" not in g for g in self.gnd):
                 raise GroundTruthError(f"{self.gnd_path}: query cropping needs a 'bbx' in every gnd entry")
-            boxes = [list(map(float, g["bbx"])) for g in self.gnd]
+            boxes = [_check_box(g["bbx"], f"{self.gnd_path}: gnd[{q}]['bbx']") for q, g in enumerate(self.gnd)]
         return ImageList([self._path(n) for n in self.qimlist], transform, imsize, boxes, where=self._where())
 
     def ground_truth(self, mode: str) -> list[dict[str, np.ndarray]]:
         return revisited_ground_truth(self.gnd, mode)
+
+
+def _check_box(box: Any, where: str) -> list[float]:
+    try:
+        values = [float(v) for v in np.asarray(box).reshape(-1)]
+    except (ValueError, TypeError):
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or values[0] >= values[2] \
+            or values[1] >= values[3]:
+        raise GroundTruthError(f"{where} must be 4 numbers x1, y1, x2, y2 with x1 < x2 and y1 < y2, got {box!r}")
+    return values
 
 
 def distractor_images(root: str | os.PathLike, transform: Callable | None = None,
@@ -227,8 +255,7 @@ def distractor_images(root: str | os.PathLike, transform: Callable | None = None
     if not listing.is_file():
         raise FileNotFoundError(f"distractor list not found: {listing}. --plus1m needs revisitop1m.txt and the "
                                 f"images under {folder / 'jpg'} (check -dp/--data_path).")
-    with open(listing) as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in read_text(listing, DatasetError, "distractor list").splitlines() if line.strip()]
     if not names:
         raise DatasetError(f"distractor list {listing} is empty; download revisitop1m.txt again")
     return ImageList([folder / "jpg" / n for n in names], transform, imsize,

@@ -2,19 +2,22 @@
 
 Per epoch the training units (landmark groups, videos) are permuted with a generator seeded ``seed + epoch +
 epoch_offset``, truncated to a multiple of the world size and dealt out as ``perm[rank::world_size]``; batches hold
-``batch_size`` units (the last one may be smaller). What is drawn inside a unit (two images of a landmark, one
+``batch_size`` units (the last one may be smaller, as the paper's; a last batch of a single unit joins the one
+before, which then holds ``batch_size + 1``: BatchNorm cannot normalise one image per process and one pair has no
+negatives, so the paper's code crashed there). What is drawn inside a unit (two images of a landmark, one
 frame of a video) comes from a per-rank ``random.Random(seed + rank)`` (seed 0 = the paper's
 ``random.seed(rank)``) whose state is checkpointed, so a resumed run draws exactly what it would have drawn.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+
+MIN_BATCH = 2  # pairs (or frames) per process and batch
 
 
 class ShardedEpochSampler(Sampler[list[int]]):
@@ -25,8 +28,8 @@ class ShardedEpochSampler(Sampler[list[int]]):
 
     def __init__(self, n_units: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
                  error: type[Exception] = ValueError) -> None:
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        if batch_size < MIN_BATCH:
+            raise ValueError(f"-b/--batch_size must be >= {MIN_BATCH} pairs per process, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.n_units = n_units
@@ -36,9 +39,10 @@ class ShardedEpochSampler(Sampler[list[int]]):
         self.seed = seed
         self.epoch = 0
         self.units_per_rank = n_units // world_size
-        if self.units_per_rank == 0:
-            raise error(f"{n_units} training {self.unit_name}(s) cannot be shared by {world_size} processes; "
-                        "use fewer processes or more data.")
+        if self.units_per_rank < MIN_BATCH:
+            raise error(f"{n_units} training {self.unit_name}(s) over {world_size} process(es) leave "
+                        f"{self.units_per_rank} per process and epoch; a batch needs at least {MIN_BATCH}: use fewer "
+                        "processes or more data.")
         self.rng = random.Random(seed + rank)
 
     def make_batch(self, units: list[int]) -> list[int]:
@@ -48,8 +52,16 @@ class ShardedEpochSampler(Sampler[list[int]]):
         """``epoch`` is 0-based (the training engine's count)."""
         self.epoch = epoch
 
+    def batch_bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of each batch in this rank's units; identical on every rank, so DDP stays in step."""
+        n, b = self.units_per_rank, self.batch_size
+        bounds = [(start, min(start + b, n)) for start in range(0, n, b)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:  # a single-unit tail joins the batch before
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
+
     def __len__(self) -> int:
-        return math.ceil(self.units_per_rank / self.batch_size)
+        return len(self.batch_bounds())
 
     def rank_units(self) -> list[int]:
         """Indices of the units this rank visits this epoch, in order."""
@@ -60,8 +72,8 @@ class ShardedEpochSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.rank_units()
-        for start in range(0, len(mine), self.batch_size):
-            yield self.make_batch(mine[start:start + self.batch_size])
+        for start, end in self.batch_bounds():
+            yield self.make_batch(mine[start:end])
 
     def state_dict(self) -> dict[str, Any]:
         """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""

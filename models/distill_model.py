@@ -84,7 +84,7 @@ def _load_teacher_pca(weights_dir: str | os.PathLike, name: str, embed_dim: int,
         raise FileNotFoundError(f"PCA-whitening file for teacher {name} not found: {path}. Learn it with "
                                 "gld_pca_learn.py / svd_pca_learn.py (--dump_to), or check "
                                 "--path_to_pretrained_weights and --embed_dim.")
-    return load_pca_layer(path, trust=trust)
+    return load_pca_layer(path, trust=trust, out_dim=embed_dim)
 
 
 class DistillModel(nn.Module):
@@ -92,6 +92,11 @@ class DistillModel(nn.Module):
 
     def __init__(self, student: nn.Module, teachers: WhitenedTeachers) -> None:
         super().__init__()
+        student_dim = getattr(student, "embed_dim", None)
+        wrong = [f"{n}: {d}-d" for n, d in zip(teachers.names, teachers.embed_dims) if d != student_dim]
+        if student_dim is not None and wrong:  # the similarity matrices would not tell: they are N x N for any D
+            raise ValueError(f"the student embeds into {student_dim} dimensions but the whitened teachers into "
+                             f"{', '.join(wrong)}; --embed_dim must be the PCA-whitening's output size")
         self.base_encoder = student
         object.__setattr__(self, "teacher_encoders", teachers)  # kept out of the module tree on purpose
 

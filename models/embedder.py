@@ -54,7 +54,8 @@ class Embedder:
         return multiscale(self._forward, x, scales, post=self.post)
 
 
-def check_model_flags(arch: str | None, resume: str | None, teacher: str | None, pca: bool) -> None:
+def check_model_flags(arch: str | None, resume: str | None, teacher: str | None, pca: bool,
+                      embed_dim: int | None = None) -> None:
     """The flag combinations the eval scripts accept (the paper asserted or crashed on the others, B16)."""
     if arch is not None and teacher is not None:
         raise EmbedderConfigError("-a/--arch and -t/--teacher are mutually exclusive: evaluate a student "
@@ -71,13 +72,20 @@ def check_model_flags(arch: str | None, resume: str | None, teacher: str | None,
     if pca and teacher is None:
         raise EmbedderConfigError("--pca applies to teachers only (-t NAME --pca); students are already "
                                   "distilled into the whitened space.")
+    if pca and embed_dim is not None:
+        from models.teachers import TEACHERS
+
+        dim = TEACHERS[teacher].descriptor_dim if teacher in TEACHERS else None
+        if dim is not None and embed_dim > dim:
+            raise EmbedderConfigError(f"--embed_dim {embed_dim} is larger than the {dim}-d descriptor of teacher "
+                                      f"{teacher}: its PCA-whitening can only reduce it.")
 
 
 def build_embedder(arch: str | None = None, resume: str | None = None, teacher: str | None = None,
                    pca: bool = False, weights_dir: str | None = None, embed_dim: int = 512, gem_p: float = 3.0,
                    trust: bool = False) -> Embedder:
     """The model to evaluate, in eval mode on the CPU (call ``.to(device)``)."""
-    check_model_flags(arch, resume, teacher, pca)
+    check_model_flags(arch, resume, teacher, pca, embed_dim)
     if arch is not None:
         from models.students import load_student
 
@@ -96,9 +104,10 @@ def build_embedder(arch: str | None = None, resume: str | None = None, teacher: 
         from models.pca_layer import load_pca_layer, pca_weight_path
 
         path = pca_weight_path(weights_dir, teacher, embed_dim)
-        post = load_pca_layer(path, trust=trust).eval()
-        if int(post.dim1) != int(model.embed_dim):
-            raise EmbedderConfigError(f"PCA-whitening file {path} expects {int(post.dim1)}-d inputs but teacher "
-                                      f"{teacher} outputs {int(model.embed_dim)}-d descriptors.")
+        if not path.is_file():
+            raise EmbedderConfigError(f"--pca: PCA-whitening file of teacher {teacher} for --embed_dim {embed_dim} "
+                                      f"not found: {path}. Learn it with gld_pca_learn.py / svd_pca_learn.py -t "
+                                      f"{teacher} --embed_dim {embed_dim}, or download the published pca_weights/.")
+        post = load_pca_layer(path, trust=trust, in_dim=int(model.embed_dim), out_dim=embed_dim).eval()
         description += f" + PCA-whitening {int(post.dim1)}->{int(post.dim2)} ({Path(path).name})"
     return Embedder(model, post, description)

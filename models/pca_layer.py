@@ -17,10 +17,11 @@ from utils.checkpoint import CheckpointError, load_file, save_atomic
 
 logger = logging.getLogger(__name__)
 
-# Published file names under --path_to_pretrained_weights (checkpoint_layouts.json "pca.files").
+# File names under --path_to_pretrained_weights: with embed_dim 512 the published names. The SVD teachers were
+# published at 512-d only; other dimensions are named the same way, so a file's name always says its size.
 PCA_FILES = {
-    "mocov3": "pca_weights/mocov3_pca_512d_svd_224x224_p1.pt",
-    "barlowtwins": "pca_weights/barlowtwins_pca_512d_svd_224x224_p1.pt",
+    "mocov3": "pca_weights/mocov3_pca_{embed_dim}d_svd_224x224_p1.pt",
+    "barlowtwins": "pca_weights/barlowtwins_pca_{embed_dim}d_svd_224x224_p1.pt",
     "resnet101_gem": "pca_weights/resnet101_gem_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
     "resnet101_ap_gem": "pca_weights/resnet101_ap_gem_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
     "resnet101_solar": "pca_weights/resnet101_solar_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
@@ -97,14 +98,19 @@ class PCAWhitening(nn.Module):
 
 
 def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int = 512) -> Path:
-    """Published PCA file of ``teacher`` (the mocov3/barlowtwins files exist for 512-d only and ignore embed_dim)."""
+    """The PCA file of ``teacher`` whitening to ``embed_dim`` dimensions (the published name for 512)."""
     if teacher not in PCA_FILES:
         raise ValueError(f"no PCA file name for teacher '{teacher}'; known: {', '.join(PCA_FILES)}")
     return Path(weights_dir) / PCA_FILES[teacher].format(embed_dim=embed_dim)
 
 
-def load_pca_layer(path: str | os.PathLike, trust: bool = False) -> PCAWhitening:
-    """Read a PCA file (plain state_dict of the 8 buffers) strictly; the layer is built from its dim1/dim2."""
+def load_pca_layer(path: str | os.PathLike, trust: bool = False, in_dim: int | None = None,
+                   out_dim: int | None = None) -> PCAWhitening:
+    """Read a PCA file (plain state_dict of the 8 buffers) strictly; the layer is built from its dim1/dim2.
+
+    ``in_dim`` / ``out_dim``: the sizes the caller needs (teacher descriptor / ``--embed_dim``); another size is a
+    ``CheckpointError`` naming the file, its size and the flag.
+    """
     state = load_file(path, trust=trust, what="PCA-whitening")
     if not isinstance(state, dict):
         raise CheckpointError(f"PCA-whitening file {path} holds a {type(state).__name__}, expected a state_dict "
@@ -115,12 +121,22 @@ def load_pca_layer(path: str | os.PathLike, trust: bool = False) -> PCAWhitening
         raise CheckpointError(f"PCA-whitening file {path}: missing buffer(s) {missing}, unexpected key(s) "
                               f"{unexpected}; expected exactly {list(PCA_BUFFERS)} (write it with gld_pca_learn.py "
                               "or svd_pca_learn.py)")
-    layer = PCAWhitening(int(state["dim1"]), int(state["dim2"]))
+    try:
+        layer = PCAWhitening(int(state["dim1"]), int(state["dim2"]))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"PCA-whitening file {path}: invalid dim1/dim2 ({exc})") from None
     own = layer.state_dict()
     bad = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
            for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         raise CheckpointError(f"PCA-whitening file {path}: inconsistent buffer shapes: {bad}")
+    if out_dim is not None and layer.out_dim != int(out_dim):
+        raise CheckpointError(f"PCA-whitening file {path} whitens to {layer.out_dim} dimensions, but --embed_dim "
+                              f"is {out_dim}; pass --embed_dim {layer.out_dim}, or learn a {out_dim}-d whitening "
+                              f"(gld_pca_learn.py / svd_pca_learn.py --embed_dim {out_dim})")
+    if in_dim is not None and layer.in_dim != int(in_dim):
+        raise CheckpointError(f"PCA-whitening file {path} takes {layer.in_dim}-d descriptors, but its teacher "
+                              f"outputs {in_dim}-d ones: the file belongs to another teacher")
     layer.load_state_dict(state, strict=True)
     return layer
 

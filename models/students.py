@@ -123,19 +123,32 @@ def _load_torchvision_imagenet(student: ResNetStudent, arch: str) -> None:
     logger.info("student %s initialised from torchvision ImageNet weights (fc left random)", arch)
 
 
+def check_student_arch(arch: str) -> None:
+    """``ValueError`` unless ``arch`` is ``resnet18``, ``resnet34`` or ``timm:<a timm model name>``."""
+    if arch in STUDENT_ARCHS:
+        return
+    if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
+        import timm
+
+        if not timm.is_model(arch[len(TIMM_PREFIX):]):
+            raise ValueError(f"unknown timm model '{arch[len(TIMM_PREFIX):]}' in -a {arch}; see "
+                             "timm.list_models() for names")
+        return
+    raise ValueError(f"unknown student architecture '{arch}'; choose one of {', '.join(STUDENT_ARCHS)} "
+                     "or timm:<model name> (e.g. timm:mobilenetv3_large_100)")
+
+
 def build_student(arch: str, embed_dim: int = 512, gem_p: float = 3.0, pretrained: bool = False) -> nn.Module:
     """Student network for ``-a arch``: ``resnet18``, ``resnet34`` or ``timm:<name>``."""
     if embed_dim <= 0:
         raise ValueError(f"--embed_dim must be positive, got {embed_dim}")
+    check_student_arch(arch)
     if arch in STUDENT_ARCHS:
         student = ResNetStudent(arch, embed_dim, gem_p)
         if pretrained:
             _load_torchvision_imagenet(student, arch)
         return student
-    if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
-        return TimmStudent(arch[len(TIMM_PREFIX):], embed_dim, gem_p, pretrained)
-    raise ValueError(f"unknown student architecture '{arch}'; choose one of {', '.join(STUDENT_ARCHS)} "
-                     "or timm:<model name> (e.g. timm:mobilenetv3_large_100)")
+    return TimmStudent(arch[len(TIMM_PREFIX):], embed_dim, gem_p, pretrained)
 
 
 def student_checkpoint_state(student: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """Checkpoint I/O: atomic writes never leave a torn file; safe loads refuse code and name the file."""
+import argparse
 import os
 
 import pytest
@@ -40,8 +41,56 @@ def test_load_refuses_code_and_names_file(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         torch.save({"x": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="evil.pt.*--trust_checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil.pt would call posix.system.*Do not load it") as exc:
         load_file(path)
+    assert "--trust_checkpoint" not in str(exc.value)  # never advised for a file that runs a command
+
+
+def test_trust_is_suggested_only_for_a_real_checkpoint_that_needs_it(tmp_path):
+    path = tmp_path / "namespace.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match=r"namespace.pt .*pickles argparse.Namespace.*--trust_checkpoint"):
+        load_file(path)
+    assert load_file(path, trust=True)["args"].lr == 0.1
+
+
+def _legacy_bytes(tmp_path):
+    path = tmp_path / "legacy_source.pt"
+    torch.save({"w": torch.randn(64, 64)}, path, _use_new_zipfile_serialization=False)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "an empty file"),
+    (b"<!DOCTYPE html><html><head><title>Google Drive</title>", "an HTML page"),
+    (b"  <html>\n<body>Quota exceeded</body>", "an HTML page"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "a text file"),
+    (b"\x00\x01\x02garbage", "not a PyTorch file"),
+])
+@pytest.mark.parametrize("trust", [False, True])
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, content, says, trust):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as exc:
+        load_file(path, trust=trust, what="teacher mocov3")
+    message = str(exc.value)
+    assert f"teacher mocov3 file {path} is not a PyTorch checkpoint: it is {says}" in message
+    assert "--trust_checkpoint" not in message
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoints_are_named_as_such(tmp_path, trust, legacy):
+    if legacy:
+        data = _legacy_bytes(tmp_path)
+    else:
+        save_atomic({"w": torch.randn(64, 64)}, tmp_path / "full.pt")
+        data = (tmp_path / "full.pt").read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt is truncated or corrupt") as exc:
+        load_file(path, trust=trust)
+    assert "--trust_checkpoint" not in str(exc.value)
 
 
 def test_missing_and_truncated_files(tmp_path):

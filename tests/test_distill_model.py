@@ -38,7 +38,15 @@ def _tiny_teachers(seed: int = 0) -> WhitenedTeachers:
 
 
 def _model(seed: int = 0) -> DistillModel:
-    return DistillModel(build_student("resnet18", embed_dim=16), _tiny_teachers(seed))
+    return DistillModel(build_student("resnet18", embed_dim=6), _tiny_teachers(seed))
+
+
+def test_student_and_whitened_teachers_must_share_the_dimension():
+    """Similarity matrices are N x N for any dimension, so only this check stops a 16-d PCA training a 64-d
+    student."""
+    with pytest.raises(ValueError, match="student embeds into 16 dimensions but the whitened teachers into "
+                                         "t_a: 6-d, t_b: 6-d; --embed_dim"):
+        DistillModel(build_student("resnet18", embed_dim=16), _tiny_teachers())
 
 
 def test_state_dict_holds_the_student_only():
@@ -62,7 +70,7 @@ def test_teachers_output_pca_of_l2_and_stay_frozen():
     assert not any(p.requires_grad for p in teachers.parameters())
     x1, x2 = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
     s1, s2, t1, t2 = model(x1, x2)
-    assert s1.shape == (3, 16) and s1.requires_grad
+    assert s1.shape == (3, 6) and s1.requires_grad
     for outs, x in ((t1, x1), (t2, x2)):
         assert len(outs) == 2
         for out, enc, pca in zip(outs, teachers.encoders, teachers.norm_layers):

@@ -81,11 +81,13 @@ def _reference_batches(groups, batch_size, world, rank, epoch, seed, rng):
     else:
         per_rank = len(groups) // world
     mine = [perm[i] for i in range(rank, per_rank * world, world)]
-    out = []
+    chosen = []
     for start in range(0, len(mine), batch_size):
-        chosen = [rng.sample(groups[i], 2) for i in mine[start:start + batch_size]]
-        out.append([c[0] for c in chosen] + [c[1] for c in chosen])
-    return out
+        chosen.append([rng.sample(groups[i], 2) for i in mine[start:start + batch_size]])
+    # this project's one deviation: a last batch of a single pair joins the one before (the paper crashes there)
+    if len(chosen) > 1 and len(chosen[-1]) == 1:
+        chosen[-2:] = [chosen[-2] + chosen[-1]]
+    return [[c[0] for c in batch] + [c[1] for c in batch] for batch in chosen]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -108,7 +110,9 @@ def test_sampler_matches_paper_and_partitions_groups(world):
                 batches = list(sampler)
                 ref = _reference_batches(groups, b, world, rank, e, 0, ref_rng)
             assert batches == ref
-            assert len(sampler) == len(batches) == math.ceil((len(groups) // world) / b)
+            per_rank = len(groups) // world
+            assert len(sampler) == len(batches) == per_rank // b  # 5, 2 and 1 groups per rank: odd tails merged
+            assert len(batches[-1]) == 2 * (b + 1)
             for batch in batches:
                 half = len(batch) // 2
                 firsts, seconds = batch[:half], batch[half:]
@@ -148,8 +152,30 @@ def test_sampler_state_roundtrip_resumes_identically(tmp_path):
 def test_sampler_rejects_bad_groups():
     with pytest.raises(ValueError, match="fewer than 2"):
         DistributedGroupSampler([[0, 1], [2]], 2)
-    with pytest.raises(GLDDataError, match="3 processes"):
+    with pytest.raises(GLDDataError, match=r"over 3 process\(es\) leave 0 per process"):
         DistributedGroupSampler([[0, 1], [2, 3]], 2, world_size=3, rank=0)
+    # one group per process and epoch: a batch of one pair, no BatchNorm and no negatives
+    with pytest.raises(GLDDataError, match="leave 1 per process and epoch; a batch needs at least 2"):
+        DistributedGroupSampler([[0, 1], [2, 3], [4, 5]], 2, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        DistributedGroupSampler([[0, 1], [2, 3], [4, 5]], 1)
+
+
+@pytest.mark.parametrize("n_groups, batch, world", [(8, 7, 1), (8, 3, 2), (24, 23, 1), (9, 4, 2), (7, 2, 1),
+                                                     (17, 5, 3), (4, 8, 1)])
+def test_every_batch_holds_two_pairs_and_ranks_stay_in_step(n_groups, batch, world):
+    """The crash of the paper's sampler: a rank's last batch of one pair. Here every batch of every rank holds
+    at least 2 pairs, all ranks make the same number of equally sized batches, each kept group once."""
+    groups = [[2 * i, 2 * i + 1] for i in range(n_groups)]
+    plans = []
+    for rank in range(world):
+        sampler = DistributedGroupSampler(groups, batch, world, rank)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        plans.append([len(b) // 2 for b in batches])
+        assert all(2 <= n <= batch + 1 for n in plans[-1])
+        assert sum(plans[-1]) == n_groups // world  # nothing dropped beyond the paper's world-size truncation
+    assert all(p == plans[0] for p in plans)
 
 
 def test_bad_inputs_name_the_file(toy, tmp_path):

@@ -186,8 +186,11 @@ def run_main(argv):
 
 def test_bad_inputs_stop_with_clear_messages(tmp_path, capsys):
     weights = weights_dir()
-    with pytest.raises(SystemExit, match="train_clean.csv"):
+    with pytest.raises(SystemExit) as exc:
         run_main(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path / "nothing")[1:])
+    assert exc.value.code == 2 and "argument --gld_root_path: folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="train_clean.csv"):
+        run_main(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path)[1:])
     with pytest.raises(SystemExit) as exc:
         run_main(distill_cmd(tmp_path / "c", teachers=("mocov3", "resnet999"))[1:])
     assert exc.value.code == 2 and "invalid choice: 'resnet999'" in capsys.readouterr().err
@@ -205,15 +208,27 @@ def test_bad_inputs_stop_with_clear_messages(tmp_path, capsys):
     (singles / "meta/train_clean.csv").write_text("landmark_id,images\n1,abcd\n2,abce\n")
     with pytest.raises(SystemExit, match="no landmark with at least 2 images"):
         run_main(distill_cmd(tmp_path / "c", "--gld_root_path", singles)[1:])
-    with pytest.raises(SystemExit, match="-r/--resume: checkpoint file not found"):
+    with pytest.raises(SystemExit) as exc:
         run_main(distill_cmd(tmp_path / "c", "-r", tmp_path / "none.pt")[1:])
+    assert exc.value.code == 2 and "argument -r/--resume: file not found" in capsys.readouterr().err
 
 
 def test_missing_image_names_the_file(tmp_path):
     root = tmp_path / "gld"
     shutil.copytree(gld_root(), root)
-    victims = read_groups(root)[0]  # a whole landmark, so that its pair is sure to be drawn
+    victims = read_groups(root)[0]  # a whole landmark
     for image_id in victims:
         image_path(root, image_id).unlink()
-    with pytest.raises(SystemExit, match=rf"image file not found: .*({'|'.join(victims)})\.jpg"):
+    with pytest.raises(SystemExit, match=rf"3 of 24 training image\(s\) not found .*({'|'.join(victims)})\.jpg"):
         run_main(distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1)[1:])
+    assert not (tmp_path / "c").exists()  # found before anything was written
+
+
+def test_corrupt_image_found_by_a_loader_worker_is_one_line(tmp_path):
+    root = tmp_path / "gld"
+    shutil.copytree(gld_root(), root)
+    for image_id in read_groups(root)[0] + read_groups(root)[1]:  # two landmarks: the first batch reads one
+        image_path(root, image_id).write_bytes(b"\xff\xd8 not a jpeg")
+    res = run_script(*distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1, "--num_workers", 1))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("gld_distill.py: error: cannot read image file")

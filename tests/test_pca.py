@@ -165,12 +165,24 @@ def test_save_and_reload(tmp_path):
 def test_pca_weight_path_names(tmp_path):
     if LAYOUT_FILE.is_file():
         files = json.loads(LAYOUT_FILE.read_text())["pca"]["files"]
-        for teacher, name in files.items():
-            assert pca_weight_path(tmp_path, teacher, 256) == tmp_path / name.format(embed_dim=256)
+        for teacher, name in files.items():  # at 512-d every name is the published one
+            assert pca_weight_path(tmp_path, teacher, 512) == tmp_path / name.format(embed_dim=512)
     assert pca_weight_path("w", "resnet101_dolg", 128) == \
         Path("w/pca_weights/resnet101_dolg_pca_128d_gldv2_512x512_p3_global_randcrop.pt")
     assert pca_weight_path("w", "resnet101_gem").name == "resnet101_gem_pca_512d_gldv2_512x512_p3_randcrop.pt"
-    assert pca_weight_path("w", "mocov3", 128) == Path("w/pca_weights/mocov3_pca_512d_svd_224x224_p1.pt")
-    assert pca_weight_path("w", "barlowtwins", 64).name == "barlowtwins_pca_512d_svd_224x224_p1.pt"
+    # the SVD teachers were published at 512-d only; another size is named by its size, never as a 512-d file
+    assert pca_weight_path("w", "mocov3") == Path("w/pca_weights/mocov3_pca_512d_svd_224x224_p1.pt")
+    assert pca_weight_path("w", "mocov3", 128) == Path("w/pca_weights/mocov3_pca_128d_svd_224x224_p1.pt")
+    assert pca_weight_path("w", "barlowtwins", 64).name == "barlowtwins_pca_64d_svd_224x224_p1.pt"
     with pytest.raises(ValueError, match="resnet101_gem"):
         pca_weight_path("w", "vgg")
+
+
+def test_loading_checks_the_dimensions_the_caller_needs(tmp_path):
+    path = tmp_path / "pca_weights" / "mocov3_pca_64d_svd_224x224_p1.pt"
+    save_pca_layer(PCAWhitening(32, 16).fit(torch.randn(40, 32)), path)  # a 16-d file under a 64-d name
+    assert load_pca_layer(path, in_dim=32, out_dim=16).out_dim == 16
+    with pytest.raises(CheckpointError, match=r"mocov3_pca_64d.*whitens to 16 dimensions, but --embed_dim is 64"):
+        load_pca_layer(path, out_dim=64)
+    with pytest.raises(CheckpointError, match="takes 32-d descriptors, but its teacher outputs 2048-d"):
+        load_pca_layer(path, in_dim=2048)

@@ -104,7 +104,8 @@ def test_frame_sampler_one_frame_per_video_and_resume():
         sampler = DistributedFrameSampler(counts, batch_size=2, world_size=world, rank=rank)
         sampler.set_epoch(1)
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 2  # 7 videos -> 3 per rank (drop last), batches of 2 + 1
+        # 7 videos -> 3 per rank (drop last): a batch of 2 + 1, the single leftover video joins the batch
+        assert len(batches) == len(sampler) == 1 and len(batches[0]) == 3
         for idx in (i for b in batches for i in b):
             video = max(v for v, off in enumerate(offsets) if off <= idx)
             assert idx - offsets[video] < counts[video]
@@ -124,8 +125,10 @@ def test_frame_sampler_one_frame_per_video_and_resume():
     c = DistributedFrameSampler([10] * 4, batch_size=4, world_size=2, rank=1)
     rng = random.Random(1)
     assert [i % 10 for i in next(iter(c))] == [rng.randint(0, 9) for _ in range(2)]
-    with pytest.raises(SVDMetaError, match="cannot be shared"):
-        DistributedFrameSampler([3], batch_size=1, world_size=2, rank=0)
+    with pytest.raises(SVDMetaError, match="leave 0 per process"):
+        DistributedFrameSampler([3], batch_size=2, world_size=2, rank=0)
+    with pytest.raises(SVDMetaError, match="leave 1 per process"):
+        DistributedFrameSampler([3, 3, 3], batch_size=2, world_size=2, rank=0)
 
 
 def _frames(tmp_path, videos):

@@ -28,6 +28,7 @@ from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
 from models.students import build_student, student_checkpoint_state  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
+from utils.files import write_json, write_text  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
 
 
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     table += [f"| {r['model']} | {r['params_M']:.1f} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "
               f"{r['E']:.2f} | {r['M']:.2f} | {r['H']:.2f} |" for r in rows]
     text = "\n".join(table)
-    (work / "demo_results.md").write_text(text + "\n")
-    (work / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(work / "demo_results.md", text + "\n")
+    write_json(work / "demo_results.json", rows)
     pictures = sorted((results / "retrieval").glob("*.png"))
     print("\n" + text + "\n")
     print("teachers have random weights: the numbers show the mechanics (the student learns the fused whitened "

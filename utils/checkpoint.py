@@ -5,13 +5,16 @@ Every file this project reads (published teachers, PCA files, students, its own 
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils.files import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -35,57 +38,89 @@ def _safe_numpy_globals() -> list:
     return found
 
 
+# The first bytes of the files torch.save writes: a zip archive (torch >= 1.6) or the legacy pickle whose first
+# object is torch's magic number 0x1950a86a20f9469cfc6c.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def describe_non_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show it cannot be a ``torch.save`` file (``None``: it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file (an interrupted download or copy?)"
+    if head.startswith(_ZIP_MAGIC) or head.startswith(b"\x80"):  # zip archive, or a pickle (protocol >= 2)
+        return None
+    try:  # incremental: a character cut at the end of the 512 bytes is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = ""
+    if not text or not all(c.isprintable() or c in "\r\n\t" for c in text.rstrip("\x00")):
+        return f"not a PyTorch file (unknown binary format, first bytes {head[:8]!r})"
+    lowered = text.lower()
+    if "<html" in lowered or "<!doctype" in lowered:
+        return ("an HTML page, not the weights (a download that saved a web page, e.g. Google Drive's "
+                "confirmation page, instead of the file)")
+    first_line = text.strip().splitlines()[0][:60] if text.strip() else ""
+    return f"a text file, not the weights (it starts with {first_line!r})"
+
+
+# Modules whose functions a weight file never needs: a pickle that calls them is an attack, not a checkpoint.
+_DANGEROUS_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "shutil", "socket", "runpy", "importlib",
+                      "pty", "code", "webbrowser"}
+
+
+def _refused_global(exc: pickle.UnpicklingError) -> str | None:
+    """The Python global a safe load refused (``None``: the file is broken, not merely unsafe)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else None
+
+
 def load_file(path: str | os.PathLike, trust: bool = False, map_location: str | torch.device = "cpu",
               what: str = "checkpoint") -> Any:
-    """Load a ``torch.save`` file. ``weights_only=True`` unless ``trust`` (the user's ``--trust_checkpoint``)."""
+    """Load a ``torch.save`` file. ``weights_only=True`` unless ``trust`` (the user's ``--trust_checkpoint``).
+
+    A file that is not a checkpoint (text, an HTML page, empty, truncated) is a ``CheckpointError`` saying so;
+    ``--trust_checkpoint`` is suggested only for a readable checkpoint that pickles Python objects.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} file not found: {path}. Check the path (and --path_to_pretrained_weights).")
+        problem = "is a folder, not a file" if path.is_dir() else "not found"
+        raise CheckpointError(f"{what} file {problem}: {path}. Check the path (and --path_to_pretrained_weights).")
+    not_torch = describe_non_checkpoint(path)
+    if not_torch is not None:
+        raise CheckpointError(f"{what} file {path} is not a PyTorch checkpoint: it is {not_torch}. Check the path, "
+                              "or download the file again.")
     try:
         if trust:
             return torch.load(path, map_location=map_location, weights_only=False)
         with torch.serialization.safe_globals(_safe_numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{what} file {path} holds Python objects that a safe load refuses ({_unpickler_reason(exc)}). If you "
-            "trust this file, pass --trust_checkpoint to load it with full unpickling.") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {what} file {path}: {exc}. The file may be truncated or not a "
-                              "torch.save file; download or write it again.") from exc
+        name = None if trust else _refused_global(exc)
+        if name is not None and name.split(".")[0] in _DANGEROUS_MODULES:
+            raise CheckpointError(f"{what} file {path} would call {name} when loaded: a weight file never needs "
+                                  "that. Do not load it; download the file from its official source.") from exc
+        if name is not None:
+            raise CheckpointError(
+                f"{what} file {path} holds Python objects that a safe load refuses (it pickles {name}). If you "
+                "trust this file, pass --trust_checkpoint to load it with full unpickling.") from exc
+        raise _unreadable(path, what, exc) from exc
+    except Exception as exc:  # torch reports torn archives and pickles with many exception types
+        raise _unreadable(path, what, exc) from exc
 
 
-def _unpickler_reason(exc: Exception) -> str:
-    """The informative part of torch's long weights-only refusal (which global, or which opcode)."""
-    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n") if p.strip()]
-    useful = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation",
-                                                         "Please file an issue"))]
-    return "; ".join(useful) or paragraphs[0]
+def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
+    reason = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
+    return CheckpointError(f"{what} file {path} is truncated or corrupt, not a readable PyTorch checkpoint "
+                           f"({reason}). Download or write it again.")
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def check_keys(expected: set[str], got: set[str], source: str, hint: str = "") -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from utils.files import read_text, write_text
+
 
 class ConfigError(ValueError):
     """A configuration file is missing, unparsable or not a mapping."""
@@ -19,8 +21,7 @@ def load_yaml(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
     try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=yaml.SafeLoader)
+        data = yaml.load(read_text(path, ConfigError, f"{what} file"), Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse {what} file {path}: {exc}") from exc
     if data is None:
@@ -42,12 +43,11 @@ def to_plain(value: Any) -> Any:
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars, 0-d tensors
+        return value.item()
     return str(value)
 
 
 def dump_args(args: argparse.Namespace | dict, path: str | os.PathLike) -> None:
     """Write the run's arguments as YAML (the paper's ``ckpt_dir/config.yaml``), readable by :func:`load_yaml`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        yaml.safe_dump(to_plain(args), f, sort_keys=True)
+    write_text(path, yaml.safe_dump(to_plain(args), sort_keys=True))

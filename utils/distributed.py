@@ -11,16 +11,20 @@ Backend: nccl on GPU, gloo on CPU. With world size 1 no process group is created
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from utils.argtypes import nonnegative_int, positive_int, rendezvous_url
+from utils.files import OutputError
 
 
 @dataclass
@@ -42,10 +46,11 @@ class DistContext:
 def add_distributed_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -> None:
     """The paper's launch flags (kept for manual multi-node launches) plus ``--device``."""
     group = parser.add_argument_group("launch")
-    group.add_argument("--world_size", type=int, default=None,
+    group.add_argument("--world_size", type=positive_int, default=None,
                        help="total number of processes (default: taken from torchrun, else one per visible GPU)")
-    group.add_argument("--rank", type=int, default=0, help="node rank for a manual multi-node launch")
-    group.add_argument("--dist_url", type=str, default=dist_url,
+    group.add_argument("--rank", type=nonnegative_int, default=0,
+                       help="node rank for a manual multi-node launch (default 0)")
+    group.add_argument("--dist_url", type=rendezvous_url, default=dist_url,
                        help="rendezvous URL for a manual multi-node launch, e.g. tcp://HOST:PORT of node 0 "
                             "(default env://: torchrun's variables, or a free local port for a one-node launch; "
                             "the paper's fixed tcp://localhost:PORT still works)")
@@ -67,11 +72,55 @@ def _use_cuda(args: argparse.Namespace) -> bool:
 
 
 def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace,
-           user_errors: tuple[type[BaseException], ...] = ()) -> None:
+           user_errors: tuple[type[BaseException], ...] = (),
+           preflight: Callable[[argparse.Namespace], Any] | None = None) -> None:
     """Run ``main_worker(args, ctx)`` on every rank, starting processes where the launcher did not.
 
-    ``user_errors`` (bad files, bad flags) end the process with their one-line message instead of a traceback.
+    ``preflight(args)`` runs first in the launching process (each process under torchrun): the checks of files and
+    flags that must fail before any work. ``user_errors`` (bad files, bad flags) end the process with their one-line
+    message instead of a traceback; Ctrl-C ends every process with one line and exit code 130.
     """
+    try:
+        with _one_line_errors(user_errors):
+            if preflight is not None:
+                preflight(args)
+            _launch(main_worker, args, user_errors)
+    except KeyboardInterrupt:
+        print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) or "python"
+
+
+@contextlib.contextmanager
+def _one_line_errors(user_errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    try:
+        yield
+    except (*user_errors, OutputError) as exc:
+        raise SystemExit(f"{_prog()}: error: {user_message(exc)}") from None
+    except SystemExit as exc:  # the checks' own one-line exits get the same "<script>: error:" prefix
+        if isinstance(exc.code, str) and not exc.code.startswith(f"{_prog()}: "):
+            raise SystemExit(f"{_prog()}: error: {exc.code}") from None
+        raise
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error, also when a DataLoader worker raised it: the loader re-raises it in the main
+    process with the worker's traceback pasted in; only the original message is for the user."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return text
+
+
+def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[type[BaseException], ...]) -> None:
     use_cuda = _use_cuda(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style env launch
         env_world = int(os.environ["WORLD_SIZE"])
@@ -97,24 +146,44 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     else:
         dist_url = args.dist_url
+    worker_args = (main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size, user_errors)
     if n_local == 1:
-        _worker(0, main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size, user_errors)
+        _worker(0, *worker_args)
     else:
-        torch.multiprocessing.spawn(_worker, nprocs=n_local,
-                                    args=(main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size,
-                                          user_errors))
+        _spawn(n_local, worker_args)
+
+
+def _spawn(nprocs: int, worker_args: tuple) -> None:
+    """One process per local GPU; a worker's exit code (a user error, Ctrl-C) becomes this process's, without the
+    traceback ``torch.multiprocessing`` adds; a worker's crash (a bug) keeps its traceback."""
+    context = torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=worker_args, join=False)
+    try:
+        while not context.join():
+            pass
+    except torch.multiprocessing.ProcessExitedException as exc:
+        raise SystemExit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1) from None
+    except KeyboardInterrupt:  # the workers got it too (one terminal, one process group): rank 0 says so
+        for process in context.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
             rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = ()) -> None:
-    ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
     try:
-        main_worker(args, ctx)
-    except user_errors as exc:
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {exc}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        with _one_line_errors(user_errors):
+            ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
+            try:
+                main_worker(args, ctx)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+    except KeyboardInterrupt:
+        if local_rank == 0:
+            print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", rank_offset: int = 0,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.argtypes import seed_int
 from utils.distributed import add_distributed_args
 
 
@@ -17,7 +18,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, dist_url: str = "env://") 
     """Flags common to the six scripts (all additive to the paper's own)."""
     add_distributed_args(parser, dist_url=dist_url)
     group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=int, default=0, help="seed of every random generator (default 0)")
+    group.add_argument("--seed", type=seed_int, default=0, help="seed of every random generator (default 0)")
     group.add_argument("--amp", type=str, default="none", choices=["none", "bf16", "fp16"],
                        help="autocast precision for forward passes (default none = fp32, as the paper)")
     group.add_argument("--no_progress", action="store_true", help="disable progress bars")

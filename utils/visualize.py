@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
+from utils.files import atomic_write
+
 LABEL_COLOURS = {
     "query": (40, 90, 220),
     "positive": (30, 170, 60),
@@ -41,6 +43,6 @@ def save_retrieval_strip(path: str | os.PathLike, query_img: Image.Image,
         strip.paste(inner, (x0 + frame, gap + frame))
         draw.text((x0 + 2, gap + box + 1), caption, fill=(0, 0, 0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(path, format="PNG")
+    with atomic_write(path, "wb") as f:
+        strip.save(f, format="PNG")
     return path

@@ -13,12 +13,13 @@ Every file is read lazily, once, and a missing file is an error naming the yaml 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from utils.config import load_yaml
+from utils.files import files_exist, read_text
 
 # Keys of the paper's svd.yaml that this code reads; the others (all_video_id, groundtruth, video_root_paths,
 # feature_root_path) are accepted and ignored, as in the paper's code.
@@ -42,49 +43,50 @@ def frame_path(frame_root: str | os.PathLike, video_id: str, index: int) -> str:
     return os.path.join(frame_root, video_id, f"{index:04d}.jpg")
 
 
+def _lines(path: str | os.PathLike) -> list[str]:
+    return read_text(path, SVDMetaError, "SVD metadata file").splitlines()
+
+
 def read_id_file(path: str | os.PathLike) -> list[str]:
     """One id per line, ``.mp4`` stripped; blank lines are not ids."""
-    with open(path) as f:
-        return [vid for vid in (strip_video_id(line) for line in f) if vid]
+    return [vid for vid in (strip_video_id(line) for line in _lines(path)) if vid]
 
 
 def read_groundtruth(path: str | os.PathLike) -> tuple[list[str], list[str], GroundTruth]:
     """-> (queries, candidates, gt) with ``gt[qid][cid] = label``; orders are those of first appearance."""
     gt: GroundTruth = {}
     candidates: dict[str, None] = {}  # an ordered set
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise SVDMetaError(f"{path}:{lineno}: expected 'query_id candidate_id label', got {line.strip()!r}")
-            qid, cid = strip_video_id(fields[0]), strip_video_id(fields[1])
-            try:
-                label = int(fields[2])
-            except ValueError:
-                raise SVDMetaError(f"{path}:{lineno}: label {fields[2]!r} is not an integer") from None
-            gt.setdefault(qid, {})[cid] = label
-            candidates.setdefault(cid, None)
+    for lineno, line in enumerate(_lines(path), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise SVDMetaError(f"{path}:{lineno}: expected 'query_id candidate_id label', got {line.strip()!r}")
+        qid, cid = strip_video_id(fields[0]), strip_video_id(fields[1])
+        try:
+            label = int(fields[2])
+        except ValueError:
+            raise SVDMetaError(f"{path}:{lineno}: label {fields[2]!r} is not an integer") from None
+        gt.setdefault(qid, {})[cid] = label
+        candidates.setdefault(cid, None)
     return list(gt), list(candidates), gt
 
 
 def read_frame_counts(path: str | os.PathLike) -> dict[str, int]:
     """``video_id count`` per line -> {video_id: count}."""
     counts: dict[str, int] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                counts[fields[0]] = int(fields[1])
-            except ValueError:
-                raise SVDMetaError(f"{path}:{lineno}: expected 'video_id frame_count', got {line.strip()!r}") from None
-            if counts[fields[0]] < 0:
-                raise SVDMetaError(f"{path}:{lineno}: negative frame count for video {fields[0]!r}")
+    for lineno, line in enumerate(_lines(path), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            counts[fields[0]] = int(fields[1])
+        except ValueError:
+            raise SVDMetaError(f"{path}:{lineno}: expected 'video_id frame_count', got {line.strip()!r}") from None
+        if counts[fields[0]] < 0:
+            raise SVDMetaError(f"{path}:{lineno}: negative frame count for video {fields[0]!r}")
     return counts
 
 
@@ -193,3 +195,25 @@ class SVDMeta:
             raise SVDMetaError(f"{len(empty)} {role} video(s) have 0 frames in {count_file}, e.g. {empty[:5]}; "
                                "re-extract their frames or remove them from the metadata files.")
         return out
+
+    def training_videos(self) -> tuple[list[str], list[int]]:
+        """The training videos (every id of the training ground truth) and their frame counts."""
+        videos = self.train_ids
+        if not videos:
+            raise SVDMetaError(f"the training ground truth of {self.source} ('train_groundtruth') lists no video")
+        return videos, self.check_videos(videos, "training")
+
+    def check_frames_on_disk(self, video_ids: Sequence[str], counts: Sequence[int], role: str,
+                             max_frames: int | None = None) -> None:
+        """One stat per video, before any work: the last frame a run can read (``count - 1``, or below
+        ``max_frames`` for evaluation) exists. A frame-count file that promises more frames than were extracted
+        is otherwise found only when that frame is sampled, hours into a run."""
+        root = self.frame_root
+        last = [min(n, max_frames) - 1 if max_frames else n - 1 for n in counts]
+        paths = [frame_path(root, vid, i) for vid, i in zip(video_ids, last)]
+        missing = [(vid, n, path) for vid, n, path, ok in zip(video_ids, counts, paths, files_exist(paths)) if not ok]
+        if missing:
+            vid, n, path = missing[0]
+            raise SVDMetaError(f"{len(missing)} of {len(paths)} {role} video(s) have fewer frames on disk than the "
+                               f"frame-count file {self.path_of('frame_count_file')} says, e.g. {vid!r}: {n} frames "
+                               f"listed but {path} is missing. Re-extract their frames, or fix their counts.")

@@ -43,6 +43,7 @@ def _dropped(key: str) -> bool:
 
 RESNET101_DELG = TeacherSpec(
     file="r101_delg_s512.pyth",
+    descriptor_dim=512,
     container="model_state",
     module_type=DELGTeacher,
     build=DELGTeacher,

@@ -49,6 +49,7 @@ _UNUSED_HEADS = {
 
 RESNET101_DOLG = TeacherSpec(
     file="r101_dolg_512.pyth",
+    descriptor_dim=1024,
     container="model_state",
     module_type=DOLGTeacher,
     build=DOLGTeacher,

@@ -55,6 +55,7 @@ def _ap_gem_dropped(key: str) -> bool:
 # The gl18 file is already re-keyed to torchvision names plus fc.*: module and file keys coincide.
 RESNET101_GEM = TeacherSpec(
     file="gl18-tl-resnet101-gem-w-a4d43db.pt",
+    descriptor_dim=2048,
     container="state_dict",
     module_type=ResNetGeM,
     build=build_resnet101_fc,
@@ -65,6 +66,7 @@ RESNET101_GEM = TeacherSpec(
 
 RESNET101_AP_GEM = TeacherSpec(
     file="Resnet101-AP-GeM-LM18.pt",
+    descriptor_dim=2048,
     container="state_dict",
     module_type=ResNetGeM,
     build=build_resnet101_fc,

@@ -91,6 +91,7 @@ def _read_dims(checkpoint: Any, source: str) -> dict[str, int]:
 
 RESNET101_SOLAR = TeacherSpec(
     file="resnet101-solar-best.pth",
+    descriptor_dim=2048,
     container="state_dict",
     module_type=SolarTeacher,
     build=SolarTeacher,

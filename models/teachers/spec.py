@@ -32,7 +32,7 @@ def _no_meta(teacher: nn.Module) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """One teacher: its file, container entry, module builder and key mapping.
+    """One teacher: its file, descriptor size, container entry, module builder and key mapping.
 
     - ``build(gem_p=..., **dims)`` makes the module with random initialisation (``dims`` from ``read_dims``).
     - ``file_key(module_key)`` names a module tensor in the published file.
@@ -44,6 +44,7 @@ class TeacherSpec:
     """
 
     file: str
+    descriptor_dim: int  # size of the published file's descriptor (what its PCA-whitening takes as input)
     container: str
     module_type: type[nn.Module]
     build: Callable[..., nn.Module]

@@ -27,6 +27,7 @@ def _barlowtwins_dropped(key: str) -> bool:
 # which the loader drops all the same).
 MOCOV3 = TeacherSpec(
     file="mocov3_1000ep.pth.tar",
+    descriptor_dim=2048,
     container="state_dict",
     module_type=ResNetGeM,
     build=build_resnet50_trunk,
@@ -41,6 +42,7 @@ MOCOV3 = TeacherSpec(
 
 BARLOWTWINS = TeacherSpec(
     file="barlowtwins_full.pth.tar",
+    descriptor_dim=2048,
     container="model",
     module_type=ResNetGeM,
     build=build_resnet50_trunk,
