@@ -20,21 +20,22 @@ from datasets.gld import (
     read_groups,
 )
 from datasets.transforms import gld_train_transform
-from utils.argtypes import existing_dir, positive_float, positive_int
+from engine.cli import add_distill_args, add_gld_root, check_distill_args, make_parser
+from engine.distill import TrainData, preflight, run_distillation
+from utils.argtypes import positive_float, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
-from utils.engine import TrainData, add_distill_args, check_distill_args, preflight, run_distillation
 from utils.files import fingerprint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Multi-teacher distillation on Google Landmarks v2 (clean).")
-    add_distill_args(parser)
-    parser.add_argument("--gld_root_path", default="/path/to/gldv2", metavar="PATH", type=existing_dir,
-                        help="GLDv2 root (meta/train_clean.csv, train/)")
-    parser.add_argument("-tt", type=positive_float, default=0.05, help="teacher similarity temperature (default 0.05)")
-    parser.add_argument("-st", type=positive_float, default=0.05, help="student similarity temperature (default 0.05)")
-    parser.add_argument("--imsize", type=positive_int, default=512, help="RandomResizedCrop size (default 512)")
+    parser = make_parser("Multi-teacher distillation on Google Landmarks v2 (clean).")
+    data, training = add_distill_args(parser, arch_default="resnet18", lr_default=1e-3, p_default=3.0)
+    add_gld_root(data)
+    data.add_argument("--imsize", type=positive_int, default=512, help="RandomResizedCrop size of the training views")
+    training.add_argument("-tt", type=positive_float, default=0.05,
+                          help="teacher similarity temperature (lower: sharper targets)")
+    training.add_argument("-st", type=positive_float, default=0.05, help="student similarity temperature")
     return parser
 
 
@@ -54,6 +55,7 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
 
 
 def check_gld(args: argparse.Namespace) -> None:
+    """Before any work: the CSV and every training image (a missing one would be found hours into the run)."""
     csv_file = Path(args.gld_root_path) / CSV_NAME
     if not csv_file.is_file():
         raise SystemExit(f"GLDv2 metadata file not found: {csv_file}. --gld_root_path must contain {CSV_NAME}.")

@@ -9,24 +9,23 @@ import argparse
 
 from datasets.gld import GLDDataError, GLDImageDataset, check_images_exist, read_image_ids
 from datasets.transforms import gld_train_transform
-from utils.argtypes import existing_dir, positive_int
+from engine.cli import add_gld_root, add_pca_args, check_pca_args, make_parser
+from engine.pca import learn_pca, sample_items
+from utils.argtypes import positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
 from utils.log import log_run_header, setup_logging
-from utils.pca_learn import add_pca_args, check_pca_args, learn_pca, sample_items
-from utils.runtime import add_runtime_args, seed_everything
+from utils.runtime import seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Learn the PCA-whitening of a teacher on GLDv2 images.")
-    add_pca_args(parser, p_default=3.0)
-    parser.add_argument("--imsize", type=positive_int, default=512,
-                        help="RandomResizedCrop size (default 512, as the published files)")
-    parser.add_argument("--num_samples", type=int, default=10000,
-                        help="images to sample (default 10000; <= 0: all, as the published files)")
-    parser.add_argument("--gld_root_path", type=existing_dir, default="/path/to/gldv2", metavar="PATH",
-                        help="GLDv2 root (meta/train_clean_ids.txt, train/)")
-    add_runtime_args(parser)
+    parser = make_parser("Learn the PCA-whitening of a teacher on GLDv2 images.")
+    data = add_pca_args(parser, p_default=3.0)
+    add_gld_root(data)
+    data.add_argument("--imsize", type=positive_int, default=512,
+                      help="RandomResizedCrop size (the published files: 512)")
+    data.add_argument("--num_samples", type=int, default=10000,
+                      help="images to sample (<= 0: all, as the published files)")
     return parser
 
 
@@ -38,18 +37,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return check_pca_args(parser, args)
 
 
+def sampled_ids(args: argparse.Namespace) -> list[str]:
+    return sample_items(read_image_ids(args.gld_root_path), args.num_samples, args.seed)
+
+
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     logger = setup_logging(ctx.is_main)
     log_run_header(logger, args)
     seed_everything(args.seed + ctx.rank)  # augmentation differs per rank, reproducibly
-    ids = sample_items(read_image_ids(args.gld_root_path), args.num_samples, args.seed)
-    dataset = GLDImageDataset(args.gld_root_path, ids, gld_train_transform(args.imsize))
+    dataset = GLDImageDataset(args.gld_root_path, sampled_ids(args), gld_train_transform(args.imsize))
     learn_pca(args.teacher, dataset, args, ctx)
 
 
 def check_images(args: argparse.Namespace) -> None:
-    ids = sample_items(read_image_ids(args.gld_root_path), args.num_samples, args.seed)
-    check_images_exist(args.gld_root_path, ids, "sampled")
+    check_images_exist(args.gld_root_path, sampled_ids(args), "sampled")
 
 
 def main(argv: list[str] | None = None) -> None:

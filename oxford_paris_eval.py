@@ -17,7 +17,6 @@ import torchvision.transforms as T
 from datasets.oxford_paris import (
     DATASETS,
     KAPPAS,
-    CorruptImageError,
     DatasetError,
     ImageList,
     RevisitedDataset,
@@ -27,78 +26,48 @@ from datasets.oxford_paris import (
     similarity,
 )
 from datasets.transforms import imagenet_normalize
-from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
-from models.students import STUDENT_ARCHS, check_student_arch
-from models.teachers import TEACHERS
-from utils.argtypes import (
-    checked_by,
-    existing_dir,
-    existing_file,
-    nonnegative_int,
-    output_dir,
-    output_file,
-    positive_float,
-    positive_int,
-)
+from engine.cli import add_eval_args, check_eval_args, make_parser
+from models.embedder import EmbedderConfigError, build_embedder
+from utils.argtypes import existing_dir, output_dir, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, barrier, launch
 from utils.features import PAPER_SCALES, distributed_loader, extract_features
 from utils.files import write_json
 from utils.log import get_logger, log_run_header, setup_logging
-from utils.runtime import add_runtime_args, seed_everything
+from utils.runtime import seed_everything
 
-USER_ERRORS = (CheckpointError, DatasetError, EmbedderConfigError, CorruptImageError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, DatasetError, EmbedderConfigError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluation on roxford5k or rparis6k.")
-    parser.add_argument("-dp", "--data_path", default="/path/to/datasets", type=existing_dir,
-                        help="root holding <dataset>/gnd_<dataset>.pkl, <dataset>/jpg/ and revisitop1m/")
-    parser.add_argument("-d", "--dataset", default="roxford5k", type=str, choices=list(DATASETS))
-    parser.add_argument("-a", "--arch", default=None, type=checked_by(check_student_arch), metavar="ARCH",
-                        help=f"student architecture: {', '.join(STUDENT_ARCHS)} or timm:<name> (needs -r)")
-    parser.add_argument("-t", "--teacher", default=None, type=str, choices=list(TEACHERS), metavar="NAME",
-                        help=f"teacher to evaluate instead of a student: {', '.join(TEACHERS)}")
-    parser.add_argument("--imsize", default=None, type=positive_int,
-                        help="shrink images so the long side is at most this (LANCZOS); default: full resolution")
-    parser.add_argument("--num_workers", default=8, type=nonnegative_int,
-                        help="data loader workers per process (default 8)")
-    parser.add_argument("-r", "--resume", default=None, type=existing_file, help="student checkpoint to evaluate")
-    parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", type=str,
-                        help="folder of the published teacher files and pca_weights/")
-    parser.add_argument("-ms", "--multiscale", action="store_true", help="multi-scale descriptors (1, 1/sqrt2, 1/2)")
-    parser.add_argument("--embed_dim", default=512, type=positive_int,
-                        help="student output / PCA dimension (default 512)")
-    parser.add_argument("-p", default=3, type=positive_float, help="GeM power (default 3)")
-    parser.add_argument("--plus1m", action="store_true", help="add the revisitop1m distractors to the database")
-    parser.add_argument("--pca", action="store_true", help="PCA-whiten a teacher's descriptors")
-    parser.add_argument("--crop_queries", action="store_true",
-                        help="crop queries to their bbx (standard revisitop protocol; the paper does not)")
-    parser.add_argument("--output_json", default=None, type=output_file,
-                        help="write the results to this JSON file (replaced if it exists)")
-    parser.add_argument("--visualize", default=None, type=output_dir, metavar="DIR",
-                        help="write one PNG per query: the query and its top results framed by label")
-    parser.add_argument("--visualize_top", default=10, type=positive_int, metavar="K",
-                        help="results per picture (default 10)")
-    add_runtime_args(parser)
+    parser = make_parser("Evaluation on roxford5k or rparis6k (+1M distractors).")
+    data, evaluation = add_eval_args(parser, p_default=3)
+    data.add_argument("-dp", "--data_path", default="/path/to/datasets", type=existing_dir,
+                      help="root holding <dataset>/gnd_<dataset>.pkl, <dataset>/jpg/ and revisitop1m/")
+    data.add_argument("-d", "--dataset", default="roxford5k", type=str, choices=list(DATASETS))
+    data.add_argument("--imsize", default=None, type=positive_int,
+                      help="shrink images so the long side is at most this (LANCZOS); default: full resolution")
+    data.add_argument("--plus1m", action="store_true", help="add the revisitop1m distractors to the database")
+    evaluation.add_argument("-ms", "--multiscale", action="store_true",
+                            help="multi-scale descriptors (scales 1, 1/sqrt2, 1/2)")
+    evaluation.add_argument("--crop_queries", action="store_true",
+                            help="crop queries to their bbx (the standard revisitop protocol; the paper does not)")
+    evaluation.add_argument("--visualize", default=None, type=output_dir, metavar="DIR",
+                            help="write one PNG per query: the query and its top results framed by label")
+    evaluation.add_argument("--visualize_top", default=10, type=positive_int, metavar="K", help="results per picture")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_model_flags(args.arch, args.resume, args.teacher, args.pca, args.embed_dim)
-    except EmbedderConfigError as exc:
-        parser.error(str(exc))
-    return args
+    return check_eval_args(parser, parser.parse_args(argv))
 
 
 def require_images(images: ImageList, what: str) -> None:
     """Fail before extraction (which may take hours) when images are missing."""
     missing = images.missing()
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(images)} {what} image(s) not found, e.g. {missing[0]}. "
+        raise DatasetError(f"{len(missing)} of {len(images)} {what} image(s) not found, e.g. {missing[0]}. "
                                 f"{images.where}")
 
 

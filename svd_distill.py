@@ -12,36 +12,42 @@ import argparse
 from datasets.svd.data import DistributedFrameSampler, TrainFrames, two_view_collate
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_distill_transform
-from utils.argtypes import existing_file, nonnegative_int, positive_float, positive_int
+from engine.cli import (
+    add_crop_size,
+    add_distill_args,
+    add_svd_meta,
+    check_distill_args,
+    check_svd_training_frames,
+    make_parser,
+)
+from engine.distill import TrainData, preflight, run_distillation
+from utils.argtypes import nonnegative_int, positive_float
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
-from utils.engine import TrainData, add_distill_args, check_distill_args, preflight, run_distillation
 from utils.files import fingerprint
 
 PAPER_TEMPERATURE = 0.05
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Multi-teacher distillation on SVD (Short Video Dataset) frames.",
+    parser = make_parser(
+        "Multi-teacher distillation on SVD (Short Video Dataset) frames.",
         epilog="--lr defaults to 0.3, the paper's value, although it is used with Adam (a leftover of LARS in the "
                "paper's code); values around 1e-3 (gld_distill's default) are the usual choice for Adam. "
                "-a defaults to resnet18 (the paper's mobilenet_v2 default is not a valid student).")
-    add_distill_args(parser, arch_default="resnet18", lr_default=0.3, p_default=1.0)
-    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE", type=existing_file,
-                        help="SVD metadata yaml (keys of config/svd.yaml; default config/svd.yaml)")
-    parser.add_argument("-t", type=positive_float, default=None, metavar="T",
-                        help=f"temperature of the paper's svd_distill: sets both -st and -tt "
-                             f"(default {PAPER_TEMPERATURE})")
-    parser.add_argument("-st", type=positive_float, default=None,
-                        help="student similarity temperature (overrides -t)")
-    parser.add_argument("-tt", type=positive_float, default=None,
-                        help="teacher similarity temperature (overrides -t)")
-    parser.add_argument("--warmup_epochs", type=nonnegative_int, default=5,
-                        help="accepted for compatibility; unused, as in the paper's code")
-    parser.add_argument("--crop_size", type=positive_int, default=224,
-                        help="RandomResizedCrop size (the paper: 224; smaller only for quick tests)")
+    data, training = add_distill_args(parser, arch_default="resnet18", lr_default=0.3, p_default=1.0)
+    add_svd_meta(data)
+    add_crop_size(data, "RandomResizedCrop size of the training views")
+    training.add_argument("-t", type=positive_float, default=None, metavar="T",
+                          help=f"temperature of the paper's svd_distill: sets both -st and -tt (default "
+                               f"{PAPER_TEMPERATURE})")
+    training.add_argument("-st", type=positive_float, default=None,
+                          help="student similarity temperature (overrides -t)")
+    training.add_argument("-tt", type=positive_float, default=None,
+                          help="teacher similarity temperature (overrides -t)")
+    training.add_argument("--warmup_epochs", type=nonnegative_int, default=5,
+                          help="accepted for compatibility; unused, as in the paper's code")
     return parser
 
 
@@ -67,8 +73,7 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
 
 
 def check_svd(args: argparse.Namespace) -> None:
-    meta = SVDMeta.from_yaml(args.dataset_meta)
-    meta.check_frames_on_disk(*meta.training_videos(), "training")
+    check_svd_training_frames(args)  # the metadata and frames, before the teachers' files are read
     preflight(args, pca_script="svd_pca_learn.py")
 
 

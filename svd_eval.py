@@ -22,71 +22,44 @@ from datasets.svd.eval import (
 )
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_test_transform
-from models.embedder import EmbedderConfigError, build_embedder, check_model_flags
-from models.students import check_student_arch
-from models.teachers import TEACHERS
-from utils.argtypes import checked_by, existing_file, nonnegative_int, output_file, positive_float, positive_int
+from engine.cli import add_crop_size, add_eval_args, add_svd_meta, check_eval_args, make_parser
+from models.embedder import EmbedderConfigError, build_embedder
+from utils.argtypes import positive_int
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
 from utils.features import distributed_loader
 from utils.files import write_json
 from utils.log import log_run_header, setup_logging
-from utils.runtime import add_runtime_args, seed_everything
+from utils.runtime import seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Video retrieval evaluation on SVD.")
-    parser.add_argument("-a", "--arch", default=None, metavar="ARCH", type=checked_by(check_student_arch),
-                        help="student to evaluate: resnet18, resnet34 or timm:<name> (with -r)")
-    parser.add_argument("-t", "--teacher", default=None, choices=list(TEACHERS), metavar="NAME",
-                        help=f"teacher to evaluate instead: {', '.join(TEACHERS)}")
-    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE", type=existing_file,
-                        help="SVD metadata yaml (keys of config/svd.yaml; default config/svd.yaml)")
-    parser.add_argument("--max_frames", type=positive_int, default=60,
-                        help="use the first N frames of each video (default 60)")
-    parser.add_argument("--stride", type=positive_int, default=1, help="take every N-th of those frames (default 1)")
-    parser.add_argument("-b", "--batch_size", type=positive_int, default=16,
-                        help="videos per batch and process (default 16)")
-    parser.add_argument("--num_workers", type=nonnegative_int, default=8,
-                        help="data loader workers per process (default 8)")
-    parser.add_argument("--topk", type=positive_int, nargs="+", default=[100], metavar="K",
-                        help="report mAP@K for each K (default 100), besides top-inf (the full ranking)")
-    parser.add_argument("--sim_fn", default="fmx", choices=SIM_FNS,
-                        help="fme/fmx: mean/max-pooled video descriptors; sme/smx/cf: mean/max/chamfer over "
-                             "frame pairs (default fmx as the paper's code; its README uses cf)")
-    parser.add_argument("--subset_eval", action="store_true",
-                        help="rank the labeled candidates only (no unlabeled distractors)")
-    parser.add_argument("-r", "--resume", default=None, metavar="CKPT", type=existing_file,
-                        help="student checkpoint (with -a)")
-    parser.add_argument("--embed_dim", type=positive_int, default=512,
-                        help="student / PCA output dimension (default 512)")
-    parser.add_argument("-p", type=positive_float, default=1.0, help="GeM power (the paper: 1 for SVD)")
-    parser.add_argument("--path_to_pretrained_weights", default="/path/to/pretrained_weights", metavar="DIR",
-                        help="folder of the teacher files and pca_weights/ (with -t)")
-    parser.add_argument("--pca", action="store_true", help="whiten a teacher's frame descriptors with its PCA file")
-    parser.add_argument("--input_norm", default="none", choices=["none", "imagenet"],
-                        help="none: ToTensor only, as the paper's evaluation (B15); imagenet: add the ImageNet "
-                             "normalisation the models were trained with")
-    parser.add_argument("--crop_size", type=positive_int, default=224,
-                        help="CenterCrop size after Resize(crop*256/224) (the paper: 224)")
-    parser.add_argument("--max_elements", type=positive_int, default=DEFAULT_MAX_ELEMENTS,
-                        help="frame-level similarities: most frame pairs held in memory at once "
-                             f"(default {DEFAULT_MAX_ELEMENTS})")
-    parser.add_argument("--output_json", default=None, metavar="FILE", type=output_file,
-                        help="write the results as JSON (replaced if it exists)")
-    add_runtime_args(parser)
+    parser = make_parser("Near-duplicate video retrieval evaluation on SVD.")
+    data, evaluation = add_eval_args(parser, p_default=1.0)
+    add_svd_meta(data)
+    data.add_argument("-b", "--batch_size", type=positive_int, default=16, help="videos per batch and process")
+    data.add_argument("--max_frames", type=positive_int, default=60, help="use the first N frames of each video")
+    data.add_argument("--stride", type=positive_int, default=1, help="take every N-th of those frames")
+    data.add_argument("--input_norm", default="none", choices=["none", "imagenet"],
+                      help="none: ToTensor only, as the paper's evaluation; imagenet: add the ImageNet "
+                           "normalisation the models were trained with")
+    add_crop_size(data, "CenterCrop size after Resize(crop * 256/224)")
+    evaluation.add_argument("--sim_fn", default="fmx", choices=SIM_FNS,
+                            help="fme/fmx: mean/max-pooled video descriptors; sme/smx/cf: mean/max/chamfer over "
+                                 "frame pairs (fmx: the paper's code; its README uses cf)")
+    evaluation.add_argument("--topk", type=positive_int, nargs="+", default=[100], metavar="K",
+                            help="report mAP@K for each K, besides top-inf (the full ranking)")
+    evaluation.add_argument("--subset_eval", action="store_true",
+                            help="rank the labeled candidates only (no unlabeled distractors)")
+    evaluation.add_argument("--max_elements", type=positive_int, default=DEFAULT_MAX_ELEMENTS,
+                            help="frame-level similarities: most frame pairs held in memory at once")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_model_flags(args.arch, args.resume, args.teacher, args.pca, args.embed_dim)
-    except EmbedderConfigError as exc:
-        parser.error(str(exc))
-    return args
+    return check_eval_args(parser, parser.parse_args(argv))
 
 
 def evaluation_videos(args: argparse.Namespace) -> tuple[SVDMeta, list[str], list[str], list[str]]:

@@ -11,25 +11,23 @@ import argparse
 from datasets.svd.data import FrameList, sample_pca_frames
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_pca_transform
-from utils.argtypes import existing_file, positive_int
+from engine.cli import add_crop_size, add_pca_args, add_svd_meta, check_pca_args, check_svd_training_frames, make_parser
+from engine.pca import learn_pca
+from utils.argtypes import positive_int
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
 from utils.log import get_logger, log_run_header, setup_logging
-from utils.pca_learn import add_pca_args, check_pca_args, learn_pca
-from utils.runtime import add_runtime_args, seed_everything
+from utils.runtime import seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Learn the PCA-whitening of a teacher on SVD training frames.")
-    add_pca_args(parser, p_default=1.0)
-    parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", metavar="FILE", type=existing_file,
-                        help="SVD metadata yaml (keys of config/svd.yaml; default config/svd.yaml)")
-    parser.add_argument("--frames_per_video", type=positive_int, default=60,
-                        help="random frames per training video (default 60, the paper's)")
-    parser.add_argument("--crop_size", type=positive_int, default=224,
-                        help="RandomResizedCrop size (the paper: 224; smaller only for quick tests)")
-    add_runtime_args(parser)
+    parser = make_parser("Learn the PCA-whitening of a teacher on SVD training frames.")
+    data = add_pca_args(parser, p_default=1.0)
+    add_svd_meta(data)
+    data.add_argument("--frames_per_video", type=positive_int, default=60,
+                      help="random frames per training video (the paper's 60)")
+    add_crop_size(data, "RandomResizedCrop size")
     return parser
 
 
@@ -49,14 +47,9 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     learn_pca(args.teacher, FrameList(meta.frame_root, frames, svd_pca_transform(args.crop_size)), args, ctx)
 
 
-def check_frames(args: argparse.Namespace) -> None:
-    meta = SVDMeta.from_yaml(args.dataset_meta)
-    meta.check_frames_on_disk(*meta.training_videos(), "training")
-
-
 def main(argv: list[str] | None = None) -> None:
     launch(main_worker, parse_args(argv), user_errors=(SVDMetaError, ConfigError, CheckpointError),
-           preflight=check_frames)
+           preflight=check_svd_training_frames)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 multi-teacher loss, Adam update) with the paper's 2- and 3-teacher sets, and the share of the step spent in the
 teachers. Random-init models; PCA layers carry a random orthogonal projection (no fitting needed for timing).
 
-The step is the training scripts' own (``utils.engine.distill_step`` on the model ``utils.engine.wrap_distributed``
-returns). With ``--procs 1 2`` the same global batch is also split over 2 processes (gloo on CPU, one GPU each
+The step is the training scripts' own (``engine.distill.distill_step`` on the model
+``engine.distill.wrap_distributed`` returns, with the criterion that owns the frozen teachers). With
+``--procs 1 2`` the same global batch is also split over 2 processes (gloo on CPU, one GPU each
 with nccl), each with its share of the CPU threads, and images/s counts the whole step of all processes.
 
     python benchmarks/train_step.py                   # 224 px, 4 pairs, fp32 and bf16 autocast, 1 process
@@ -26,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import common
-from models.distill_model import DistillModel, WhitenedTeachers
+from engine.distill import distill_step, wrap_distributed
+from models.distill_model import DistillationLoss, DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening
 from models.students import build_student
 from models.teachers import build_teacher
-from utils.distributed import DistContext, _free_port, init_distributed
-from utils.engine import distill_step, wrap_distributed
+from utils.distributed import DistContext, free_port, init_distributed
 from utils.runtime import autocast, check_amp
 
 TEACHER_SETS = {2: ("resnet101_delg", "resnet101_dolg"),
@@ -48,18 +49,17 @@ def random_pca(dim1: int, dim2: int, g: torch.Generator) -> PCAWhitening:
 
 
 def build(names: tuple[str, ...], args: argparse.Namespace, ctx: DistContext):
-    """(module to call, bare DistillModel, loss, optimizer) as the training scripts set them up."""
+    """(module to call, criterion with the frozen teachers, optimizer) as the training scripts set them up."""
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # identical student initialisation on every rank
     teachers = {n: build_teacher(n) for n in names}
     pcas = {n: random_pca(t.embed_dim, args.embed_dim, g) for n, t in teachers.items()}
-    bare = DistillModel(build_student(args.arch, embed_dim=args.embed_dim),
-                        WhitenedTeachers.from_modules(teachers, pcas))
-    model, student = wrap_distributed(bare, ctx)
+    model, student = wrap_distributed(DistillModel(build_student(args.arch, embed_dim=args.embed_dim)), ctx)
     model.train()
-    loss_fn = MultiTeacherDistillLoss(teachers=list(names)).to(ctx.device)
+    criterion = DistillationLoss(WhitenedTeachers.from_modules(teachers, pcas),
+                                 MultiTeacherDistillLoss(teachers=list(names)), args.embed_dim).to(ctx.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=1e-6)
-    return model, bare, loss_fn, optimizer
+    return model, criterion, optimizer
 
 
 def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list[dict]:
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list
     names = TEACHER_SETS[n_teachers]
     pairs = args.pairs // ctx.world_size
     with common.stage(f"building {n_teachers} teachers" + (f" (rank {ctx.rank})" if ctx.distributed else "")):
-        model, bare, loss_fn, optimizer = build(names, args, ctx)
+        model, criterion, optimizer = build(names, args, ctx)
     x1 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
     x2 = torch.randn(pairs, 3, args.size, args.size, device=ctx.device)
     scalers = {amp: torch.amp.GradScaler(ctx.device.type, enabled=amp == "fp16") for amp in args.amp}
@@ -76,12 +76,12 @@ def measure(args: argparse.Namespace, n_teachers: int, ctx: DistContext) -> list
     fns = {}
     for amp in args.amp:
         def step(amp: str = amp) -> None:
-            distill_step(model, loss_fn, optimizer, scalers[amp], x1, x2, amp, ctx.device)
+            distill_step(model, criterion, optimizer, scalers[amp], x1, x2, amp, ctx.device)
             sync()
 
         def teachers_only(amp: str = amp) -> None:
             with torch.no_grad(), autocast(amp, ctx.device):
-                bare.teacher_features(x1), bare.teacher_features(x2)
+                criterion.teachers(x1), criterion.teachers(x2)
             sync()
 
         fns[f"step/{amp}"], fns[f"teachers/{amp}"] = step, teachers_only
@@ -120,7 +120,7 @@ def bench(args: argparse.Namespace, n_teachers: int, procs: int, device: torch.d
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rows.json")
         torch.multiprocessing.spawn(_rank_main, nprocs=procs, args=(args, n_teachers, procs,
-                                    f"tcp://127.0.0.1:{_free_port()}", threads, use_cuda, result))
+                                    f"tcp://127.0.0.1:{free_port()}", threads, use_cuda, result))
         return json.loads(Path(result).read_text())
 
 

@@ -3,7 +3,7 @@
 Q query and C candidate videos of up to F frames (D-d features, random lengths 1..F, zero-padded) are scored with
 every ``sim_fn``:
 
-* reference: the paper's way (facts §4.5), re-implemented here: for a batch of candidates, one broadcast batched
+* reference: the paper's way, re-implemented here: for a batch of candidates, one broadcast batched
   matmul builds the full (Q, C_batch, F, F) frame-similarity tensor, masks of the valid frames are filled with
   Python loops over the videos, masked entries become -inf (cf, smx) or 0 (sme), then the reduction;
   ``fme``/``fmx`` pool each video's frames (mask built in a loop), L2-normalise and take dot products;

@@ -1,4 +1,4 @@
-"""Google Landmarks v2 (clean): landmark groups, image files and the paper's distributed pair sampler (§3.1, §4.3).
+"""Google Landmarks v2 (clean): landmark groups, image files and the paper's distributed pair sampler.
 
 On disk, rooted at ``--gld_root_path``:
 ``meta/train_clean.csv`` (columns ``landmark_id,images``; ``images`` = space-separated ids),
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from datasets.images import open_rgb
 from datasets.sampler import ShardedEpochSampler
 from utils.files import files_exist, read_text
 from utils.log import get_logger
@@ -40,15 +41,8 @@ def image_path(root: str | Path, image_id: str) -> Path:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or corrupt file is an error naming the file (never skipped)."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as exc:
-        raise GLDDataError(f"image file not found: {path}. Check --gld_root_path and the dataset download.") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise GLDDataError(f"cannot read image file {path} ({exc}); the file is corrupt or not an image. "
-                           "Re-download it or remove its id from the metadata.") from exc
+    return open_rgb(path, GLDDataError, missing_hint="Check --gld_root_path and the dataset download.",
+                    corrupt_hint="Re-download it or remove its id from the metadata.")
 
 
 def read_groups(root: str | Path, min_images: int = 2) -> list[list[str]]:
@@ -150,7 +144,7 @@ def pair_collate(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 class DistributedGroupSampler(ShardedEpochSampler):
-    """Batches of landmark pairs (the paper's sampler, facts §4.3; skeleton in ``datasets.sampler``).
+    """Batches of landmark pairs (the paper's sampler; its skeleton is ``datasets.sampler``).
 
     Groups are permuted with a generator seeded ``seed + epoch``; two distinct images of each group are drawn with
     the per-rank RNG. A batch lists the first images, then the second images.

@@ -4,7 +4,7 @@ Layout under ``--data_path`` (revisitop's): ``<name>/gnd_<name>.pkl``, ``<name>/
 ``revisitop1m/revisitop1m.txt`` (relative paths that already end in ``.jpg``) and ``revisitop1m/jpg/<path>``.
 
 Protocol notes:
-* The paper does not crop queries to ``bbx`` (facts §3.2); ``crop_queries=True`` gives the standard protocol.
+* The paper does not crop queries to their ``bbx``; ``crop_queries=True`` gives the standard revisitop protocol.
 * ``compute_map`` is revisitop's metric (trapezoid AP, junk removed from the ranking, queries without positives
   excluded). The evaluation itself never sorts the (database x query) score matrix: the rank of each labelled
   item is the number of items that score strictly higher plus the number of equal-scoring items with a lower
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from datasets.images import open_rgb
 from utils.files import files_exist, read_text
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -40,10 +41,6 @@ class DatasetError(ValueError):
 
 class GroundTruthError(DatasetError):
     """A ``gnd_<name>.pkl`` file is missing, unsafe or malformed."""
-
-
-class CorruptImageError(OSError):
-    """An image file exists but cannot be decoded."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,15 +166,7 @@ class ImageList(Dataset):
         return [p for p, ok in zip(self.paths, files_exist(self.paths)) if not ok]
 
     def load(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}. {self.where}".strip())
-        try:
-            with Image.open(path) as raw:
-                img = raw.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise CorruptImageError(f"cannot decode image {path}: {exc}. The file is corrupt or truncated; "
-                                    "download it again.") from exc
+        img = open_rgb(self.paths[index], DatasetError, missing_hint=self.where, corrupt_hint="Download it again.")
         full = max(img.size)
         if self.boxes is not None:
             img = img.crop(tuple(float(v) for v in self.boxes[index]))
@@ -232,9 +221,6 @@ class RevisitedDataset:
             boxes = [_check_box(g["bbx"], f"{self.gnd_path}: gnd[{q}]['bbx']") for q, g in enumerate(self.gnd)]
         return ImageList([self._path(n) for n in self.qimlist], transform, imsize, boxes, where=self._where())
 
-    def ground_truth(self, mode: str) -> list[dict[str, np.ndarray]]:
-        return revisited_ground_truth(self.gnd, mode)
-
 
 def _check_box(box: Any, where: str) -> list[float]:
     try:
@@ -253,7 +239,7 @@ def distractor_images(root: str | os.PathLike, transform: Callable | None = None
     folder = Path(root) / DISTRACTORS
     listing = folder / f"{DISTRACTORS}.txt"
     if not listing.is_file():
-        raise FileNotFoundError(f"distractor list not found: {listing}. --plus1m needs revisitop1m.txt and the "
+        raise DatasetError(f"distractor list not found: {listing}. --plus1m needs revisitop1m.txt and the "
                                 f"images under {folder / 'jpg'} (check -dp/--data_path).")
     names = [line.strip() for line in read_text(listing, DatasetError, "distractor list").splitlines() if line.strip()]
     if not names:
@@ -265,7 +251,7 @@ def distractor_images(root: str | os.PathLike, transform: Callable | None = None
 # ---------------------------------------------------------------------------------------------------------------
 # metric (revisitop contract)
 # ---------------------------------------------------------------------------------------------------------------
-def average_precision(ok_pos: np.ndarray, junk_pos: np.ndarray, n_ok: int,
+def trapezoid_average_precision(ok_pos: np.ndarray, junk_pos: np.ndarray, n_ok: int,
                       kappas: Sequence[int] = ()) -> tuple[float, np.ndarray]:
     """AP and precision@k of one query from the sorted 0-based ranking positions of its ok and junk items.
 
@@ -301,7 +287,7 @@ def map_from_positions(positions: Sequence[tuple[np.ndarray, np.ndarray]], gnd: 
             aps[q] = np.nan
             prs[q] = np.nan
             continue
-        aps[q], prs[q] = average_precision(*positions[q], n_ok, kappas)
+        aps[q], prs[q] = trapezoid_average_precision(*positions[q], n_ok, kappas)
     valid = ~np.isnan(aps)
     if not valid.any():
         return float("nan"), aps, np.full(len(kappas), np.nan), prs
@@ -324,17 +310,13 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[dict],
     return map_from_positions(positions, gnd, kappas)
 
 
-def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
-    """The full-sort ranking, (db x queries): ties keep the lower database index first."""
-    return torch.argsort(-scores, dim=0, stable=True)
-
-
 def item_positions(scores: torch.Tensor, items: Sequence[np.ndarray], chunk_size: int = 65536) -> list[np.ndarray]:
     """Positions (0-based) of ``items[q]`` (database indices) in the ranking of query ``q``, without sorting.
 
-    Equal to ``ranks_from_scores(scores)`` inverted at those items, ties included. Per query the item scores are
-    sorted (a few hundred values); the database is swept in chunks of rows and each score is bucketed among them
-    with ``searchsorted``, so memory is O(chunk x queries) and time O(db x queries x log(items)).
+    Equal to the full sort ``torch.argsort(-scores, dim=0, stable=True)`` inverted at those items, ties included.
+    Per query the item scores are sorted (a few hundred values); the database is swept in chunks of rows and each
+    score is bucketed among them with ``searchsorted``, so memory is O(chunk x queries) and time
+    O(db x queries x log(items)).
     """
     if scores.ndim != 2 or scores.shape[1] != len(items):
         raise ValueError(f"scores must be (db, {len(items)} queries), got {tuple(scores.shape)}")
@@ -384,15 +366,6 @@ def item_positions(scores: torch.Tensor, items: Sequence[np.ndarray], chunk_size
     return out
 
 
-def positions_from_scores(scores: torch.Tensor, gnd_sets: Sequence[dict],
-                          chunk_size: int = 65536) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Sorted ranking positions of each query's ok and junk items, as ``compute_map`` finds them in a full sort."""
-    ok = [np.unique(np.asarray(g["ok"], dtype=np.int64).reshape(-1)) for g in gnd_sets]
-    junk = [np.unique(np.asarray(g.get("junk", []), dtype=np.int64).reshape(-1)) for g in gnd_sets]
-    pos = item_positions(scores, [np.concatenate([o, j]) for o, j in zip(ok, junk)], chunk_size)
-    return [(np.sort(p[: len(o)]), np.sort(p[len(o):])) for p, o in zip(pos, ok)]
-
-
 @dataclass
 class RevisitedResult:
     """E/M/H results of one evaluation; ``map``/``mpr`` are fractions (print them x100)."""
@@ -405,7 +378,7 @@ class RevisitedResult:
     n_evaluated: dict[str, int] = field(default_factory=dict)
 
     def to_json(self, n_queries: int, n_database: int, n_distractors: int, protocol: dict) -> dict:
-        """SPEC §4's object: unrounded percentages (NaN -> null), the counts and the protocol."""
+        """The ``--output_json`` record (README): unrounded percentages (NaN -> null), the counts, the protocol."""
         pct = lambda v: None if not math.isfinite(float(v)) else float(v) * 100
         return {"dataset": self.dataset,
                 "map": {m: pct(self.map[m]) for m in MODES},
@@ -449,7 +422,7 @@ def similarity(database: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(queries x k) best database indices per query, in the order of ``ranks_from_scores`` (ties included)."""
+    """(queries x k) best database indices per query, in the order of the stable full sort (ties included)."""
     k = min(k, scores.shape[0])
     out = []
     for q in range(scores.shape[1]):

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from utils.runtime import python_rng_state, set_python_rng_state
+
 MIN_BATCH = 2  # pairs (or frames) per process and batch
 
 
@@ -77,14 +79,12 @@ class ShardedEpochSampler(Sampler[list[int]]):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain types only (loadable with ``weights_only=True``); taken at an epoch boundary."""
-        version, internal, gauss = self.rng.getstate()
         return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "rng": [version, list(internal), gauss]}
+                "rng": python_rng_state(self.rng)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
             raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
                              f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
         self.epoch = int(state["epoch"])
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        set_python_rng_state(self.rng, state["rng"])

@@ -15,7 +15,7 @@ def imagenet_normalize() -> T.Normalize:
 
 
 def gld_train_transform(imsize: int) -> T.Compose:
-    """GLDv2 distillation and PCA learning (facts §4.2/§4.3): RandomResizedCrop(0.4-1), HFlip, ToTensor, Normalize.
+    """GLDv2 distillation and PCA learning, as the paper: RandomResizedCrop(0.4-1), HFlip, ToTensor, Normalize.
 
     DELG/DOLG's RGB->BGR reordering happens inside those teachers, so one transform serves every teacher.
     """
@@ -29,7 +29,7 @@ def gld_train_transform(imsize: int) -> T.Compose:
     ])
 
 
-# ---- SVD (video) transforms (facts §4.2, §4.3, §4.5; added by the SVD owner) --------------------------------
+# ---- SVD (video) transforms: the paper's distillation, PCA and test pipelines -------------------------------
 
 class PILGaussianBlur:
     """PIL Gaussian blur with a radius drawn uniformly from ``sigma`` (python ``random``), as the paper's SVD code."""

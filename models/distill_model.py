@@ -1,19 +1,18 @@
-"""Student + frozen whitened teachers, the module the training scripts wrap in DistributedDataParallel.
-
-The teachers are deliberately *not* registered as a submodule of ``DistillModel``: DDP then sees (and syncs,
-and broadcasts buffers of) the student only, ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts only the
-student, the optimizer gets only student parameters, and ``state_dict()`` holds exactly the ``base_encoder.*``
-keys of the paper's checkpoints. ``.to()/.cuda()`` still move the teachers (``_apply`` forwards to them).
+"""The distillation's modules, arranged as DeiT's: DDP wraps only ``DistillModel`` (the student, under the
+``base_encoder`` name of the released checkpoints), and the frozen whitened teachers run beside it, inside the
+criterion ``DistillationLoss``, without gradient. So DDP syncs, SyncBatchNorm converts, the optimizer updates and
+``state_dict()`` holds the student only, with no special casing.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening, load_pca_layer, pca_weight_path
 from utils.runtime import channels_last
 
@@ -34,12 +33,12 @@ class WhitenedTeachers(nn.Module):
                              f"must be given explicitly (missing for {sorted(set(names) - set(pca_layers))})")
         from models.teachers import build_teacher  # imported here: the teacher package is heavy
 
-        encoders, norms = [], []
+        encoders, whitenings = [], []
         for name in names:
             encoders.append(build_teacher(name, weights_dir, gem_p, trust))
-            norms.append(pca_layers[name] if name in pca_layers else
-                         _load_teacher_pca(weights_dir, name, embed_dim, trust))
-        self._setup(names, encoders, norms)
+            whitenings.append(pca_layers[name] if name in pca_layers else
+                              _load_teacher_pca(weights_dir, name, embed_dim, trust))
+        self._setup(names, encoders, whitenings)
 
     @classmethod
     def from_modules(cls, teachers: dict[str, nn.Module], pca_layers: dict[str, PCAWhitening]) -> WhitenedTeachers:
@@ -52,16 +51,16 @@ class WhitenedTeachers(nn.Module):
         obj._setup(names, [teachers[n] for n in names], [pca_layers[n] for n in names])
         return obj
 
-    def _setup(self, names: list[str], encoders: list[nn.Module], norms: list[PCAWhitening]) -> None:
-        for name, enc, pca in zip(names, encoders, norms):
+    def _setup(self, names: list[str], encoders: list[nn.Module], whitenings: list[PCAWhitening]) -> None:
+        for name, enc, pca in zip(names, encoders, whitenings):
             enc_dim = getattr(enc, "embed_dim", None)
             if enc_dim is not None and int(enc_dim) != pca.in_dim:
                 raise ValueError(f"teacher {name} outputs {enc_dim}-d descriptors but its PCA layer expects "
                                  f"{pca.in_dim}-d input; the PCA file belongs to another teacher")
         self.names = names
         self.encoders = nn.ModuleList(encoders)
-        self.norm_layers = nn.ModuleList(norms)
-        self.embed_dims = [pca.out_dim for pca in norms]
+        self.whitenings = nn.ModuleList(whitenings)
+        self.embed_dims = [pca.out_dim for pca in whitenings]
         self.requires_grad_(False)
         super().train(False)
 
@@ -71,10 +70,12 @@ class WhitenedTeachers(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each teacher's ``pca(L2(teacher(x)))`` (the loss L2-normalises after the PCA). Channels-last input:
+        10-30 % faster on CPU (benchmarks/embedding_cost.py), equal up to float rounding."""
+        x = channels_last(x)
         outs = []
-        for encoder, pca in zip(self.encoders, self.norm_layers):
-            feat = F.normalize(encoder(x).float(), p=2, dim=-1)
-            outs.append(pca(feat))  # not normalised after PCA: the loss does it
+        for encoder, pca in zip(self.encoders, self.whitenings):
+            outs.append(pca(F.normalize(encoder(x).float(), p=2, dim=-1)))
         return outs
 
 
@@ -88,33 +89,33 @@ def _load_teacher_pca(weights_dir: str | os.PathLike, name: str, embed_dim: int,
 
 
 class DistillModel(nn.Module):
-    """``forward(x1, x2) -> (student(x1), student(x2), teachers(x1), teachers(x2))``; only the student is a child."""
+    """``forward(x1, x2) -> (student(x1), student(x2))``: the module DDP wraps (``module.base_encoder.*`` keys)."""
 
-    def __init__(self, student: nn.Module, teachers: WhitenedTeachers) -> None:
+    def __init__(self, student: nn.Module) -> None:
         super().__init__()
-        student_dim = getattr(student, "embed_dim", None)
+        self.base_encoder = student
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the student keeps the input's memory layout: channels-last gradients would not match DDP's buckets
+        return self.base_encoder(x1), self.base_encoder(x2)
+
+
+class DistillationLoss(nn.Module):
+    """The criterion that owns the frozen teachers (DeiT's ``DistillationLoss``): ``forward(x1, x2, s1, s2)``
+    embeds both views with the whitened teachers, without gradient, and returns ``loss``'s named terms."""
+
+    def __init__(self, teachers: WhitenedTeachers, loss: MultiTeacherDistillLoss, student_dim: int | None = None
+                 ) -> None:
+        super().__init__()
         wrong = [f"{n}: {d}-d" for n, d in zip(teachers.names, teachers.embed_dims) if d != student_dim]
         if student_dim is not None and wrong:  # the similarity matrices would not tell: they are N x N for any D
             raise ValueError(f"the student embeds into {student_dim} dimensions but the whitened teachers into "
                              f"{', '.join(wrong)}; --embed_dim must be the PCA-whitening's output size")
-        self.base_encoder = student
-        object.__setattr__(self, "teacher_encoders", teachers)  # kept out of the module tree on purpose
+        self.teachers = teachers
+        self.loss = loss
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DistillModel:
-        super()._apply(fn, recurse)
-        self.teacher_encoders._apply(fn, recurse)
-        return self
-
-    def train(self, mode: bool = True) -> DistillModel:
-        super().train(mode)
-        self.teacher_encoders.train(False)
-        return self
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        return self.base_encoder(x1), self.base_encoder(x2), self.teacher_features(x1), self.teacher_features(x2)
-
-    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen teachers on channels-last input (10-30% faster on CPU, see benchmarks/embedding_cost.py).
-        The student keeps the input's layout: channels-last gradients would not match DDP's bucket layout."""
-        return self.teacher_encoders(channels_last(x))
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            t1, t2 = self.teachers(x1), self.teachers(x2)
+        return self.loss(s1, s2, t1, t2)

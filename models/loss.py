@@ -1,4 +1,4 @@
-"""Multi-teacher similarity distillation loss (the paper's ``loss.py``, §1.10).
+"""Multi-teacher similarity distillation loss (the paper's ``loss.py``).
 
 Student and teachers produce two views' embeddings; over the whole global batch the student's cross-view
 similarity matrix ``S = s1 s2^T`` is pulled (KL divergence of row-wise softmaxes, in both directions) towards a
@@ -18,7 +18,6 @@ from torch import nn
 from utils.distributed import all_gather_with_grad, get_world_size
 
 STRATEGIES = ("mean", "maxmin", "maxmean", "maxrand", "rand")
-_MAX_ON_DIAGONAL = ("maxmin", "maxmean", "maxrand")
 
 
 class MultiTeacherDistillLoss(nn.Module):

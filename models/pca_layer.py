@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.checkpoint import CheckpointError, load_file, save_atomic
+from utils.checkpoint import CheckpointError, check_state_dict, load_file, save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +115,12 @@ def load_pca_layer(path: str | os.PathLike, trust: bool = False, in_dim: int | N
     if not isinstance(state, dict):
         raise CheckpointError(f"PCA-whitening file {path} holds a {type(state).__name__}, expected a state_dict "
                               f"with buffers {list(PCA_BUFFERS)}")
-    missing = [k for k in PCA_BUFFERS if k not in state]
-    unexpected = sorted(set(state) - set(PCA_BUFFERS))
-    if missing or unexpected:
-        raise CheckpointError(f"PCA-whitening file {path}: missing buffer(s) {missing}, unexpected key(s) "
-                              f"{unexpected}; expected exactly {list(PCA_BUFFERS)} (write it with gld_pca_learn.py "
-                              "or svd_pca_learn.py)")
+    hint = f"Expected exactly the buffers {list(PCA_BUFFERS)}, as gld_pca_learn.py / svd_pca_learn.py write them."
     try:
         layer = PCAWhitening(int(state["dim1"]), int(state["dim2"]))
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"PCA-whitening file {path}: invalid dim1/dim2 ({exc})") from None
-    own = layer.state_dict()
-    bad = [f"{k}: file {tuple(state[k].shape)} vs expected {tuple(v.shape)}"
-           for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointError(f"PCA-whitening file {path}: inconsistent buffer shapes: {bad}")
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"PCA-whitening file {path}: no valid dim1/dim2 ({exc!r}). {hint}") from None
+    check_state_dict(layer.state_dict(), state, f"PCA-whitening file {path}", hint)
     if out_dim is not None and layer.out_dim != int(out_dim):
         raise CheckpointError(f"PCA-whitening file {path} whitens to {layer.out_dim} dimensions, but --embed_dim "
                               f"is {out_dim}; pass --embed_dim {layer.out_dim}, or learn a {out_dim}-d whitening "

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from models.gem import GeM
-from utils.checkpoint import CheckpointError, load_file
+from utils.checkpoint import CheckpointError, load_file, load_state_strict
 
 STUDENT_ARCHS = ("resnet18", "resnet34")
 CHECKPOINT_PREFIX = "module.base_encoder."
@@ -198,22 +198,7 @@ def load_student(path: str | os.PathLike, arch: str, embed_dim: int = 512, gem_p
         raise CheckpointError(f"student checkpoint {path}: no '{CHECKPOINT_PREFIX}*' keys in its state_dict "
                               f"(first keys: {list(full_state)[:5]}); is it a teacher or PCA file?")
     student = build_student(arch, embed_dim=embed_dim, gem_p=gem_p, pretrained=False)
-    own = student.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or bad_shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
-        if bad_shapes:
-            parts.append(f"{len(bad_shapes)} shape mismatch(es), e.g. {bad_shapes[:3]}")
-        guess = _describe_resnet_file(state)
-        hint = f" The file looks like {guess}." if guess else ""
-        raise CheckpointError(f"student checkpoint {path} does not match -a {arch} --embed_dim {embed_dim}: "
-                              + "; ".join(parts) + "." + hint)
-    student.load_state_dict(state, strict=True)
+    guess = _describe_resnet_file(state)
+    load_state_strict(student, state, f"student checkpoint {path} does not match -a {arch} --embed_dim {embed_dim}",
+                      f"The file looks like {guess}." if guess else "")
     return student.eval()

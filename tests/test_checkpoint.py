@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from utils.checkpoint import CheckpointError, check_keys, load_file, load_state_strict, save_atomic
+from utils.checkpoint import CheckpointError, check_state_dict, load_file, load_state_strict, save_atomic
 
 
 class _Evil:
@@ -119,4 +119,6 @@ def test_strict_load_names_keys():
         load_state_strict(module, state, "file.pt")
     with pytest.raises(CheckpointError, match="shape"):
         load_state_strict(module, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "file.pt")
-    check_keys({"a"}, {"a"}, "ok")
+    check_state_dict({"a": torch.zeros(1)}, {"a": torch.ones(1)}, "ok")
+    with pytest.raises(CheckpointError, match="not tensors.*'a'"):
+        check_state_dict({"a": torch.zeros(1)}, {"a": 1.0}, "file.pt")

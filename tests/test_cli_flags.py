@@ -147,7 +147,7 @@ def test_pca_default_output_is_checked_too(paths, capsys):
     assert "mocov3_pca_512d_svd_224x224_p1.pt exists (a published file?)" in err
     # the SVD teachers' file name carries the real dimension (the published name says 512d)
     args = parse("svd_pca_learn", argv + ["--embed_dim", "16"])
-    from utils.pca_learn import output_path
+    from engine.pca import output_path
 
     assert output_path(args, "mocov3").name == "mocov3_pca_16d_svd_224x224_p1.pt"
 

@@ -1,4 +1,5 @@
-"""Distill model: student-only state_dict, frozen eval-mode teachers, PCA(L2(teacher(x))), DDP and SyncBN."""
+"""Distillation modules: DDP wraps the student only (DistillModel: student-only state_dict); the frozen eval-mode
+teachers, PCA(L2(teacher(x))), run beside it in the criterion (DistillationLoss), without gradient."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models.teachers
-from models.distill_model import DistillModel, WhitenedTeachers
+from models.distill_model import DistillationLoss, DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
 from models.students import build_student, student_checkpoint_state
@@ -38,7 +39,12 @@ def _tiny_teachers(seed: int = 0) -> WhitenedTeachers:
 
 
 def _model(seed: int = 0) -> DistillModel:
-    return DistillModel(build_student("resnet18", embed_dim=6), _tiny_teachers(seed))
+    torch.manual_seed(seed)
+    return DistillModel(build_student("resnet18", embed_dim=6))
+
+
+def _criterion(seed: int = 0) -> DistillationLoss:
+    return DistillationLoss(_tiny_teachers(seed), MultiTeacherDistillLoss(teachers=["t_a", "t_b"]), student_dim=6)
 
 
 def test_student_and_whitened_teachers_must_share_the_dimension():
@@ -46,7 +52,7 @@ def test_student_and_whitened_teachers_must_share_the_dimension():
     student."""
     with pytest.raises(ValueError, match="student embeds into 16 dimensions but the whitened teachers into "
                                          "t_a: 6-d, t_b: 6-d; --embed_dim"):
-        DistillModel(build_student("resnet18", embed_dim=16), _tiny_teachers())
+        DistillationLoss(_tiny_teachers(), MultiTeacherDistillLoss(teachers=["t_a", "t_b"]), student_dim=16)
 
 
 def test_state_dict_holds_the_student_only():
@@ -61,51 +67,53 @@ def test_state_dict_holds_the_student_only():
 
 
 def test_teachers_output_pca_of_l2_and_stay_frozen():
-    model = _model()
+    model, criterion = _model(), _criterion()
     model.train()
-    teachers = model.teacher_encoders
-    teachers.train()
+    criterion.train()
+    teachers = criterion.teachers
     assert model.base_encoder.training and not teachers.training
     assert not any(m.training for m in teachers.modules())
     assert not any(p.requires_grad for p in teachers.parameters())
     x1, x2 = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
-    s1, s2, t1, t2 = model(x1, x2)
+    s1, s2 = model(x1, x2)
     assert s1.shape == (3, 6) and s1.requires_grad
-    for outs, x in ((t1, x1), (t2, x2)):
+    for x in (x1, x2):
+        outs = teachers(x)
         assert len(outs) == 2
-        for out, enc, pca in zip(outs, teachers.encoders, teachers.norm_layers):
+        for out, enc, pca in zip(outs, teachers.encoders, teachers.whitenings):
             assert not out.requires_grad
             with torch.no_grad():
                 raw = enc.eval()(x)
             unit = raw / raw.norm(dim=1, keepdim=True)
             torch.testing.assert_close(out, (unit - pca.mean) @ pca.dvt.T, rtol=1e-5, atol=1e-5)
-    loss = MultiTeacherDistillLoss(teachers=teachers.names)(s1, s2, t1, t2)["distill loss"]
+    loss = criterion(x1, x2, s1, s2)["distill loss"]
+    reference = MultiTeacherDistillLoss(teachers=teachers.names)(s1, s2, teachers(x1), teachers(x2))["distill loss"]
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
     loss.backward()
     assert all(p.grad is None for p in teachers.parameters())
     assert model.base_encoder.fc.weight.grad is not None
 
 
-def test_to_moves_teachers_and_syncbn_converts_only_the_student():
-    model = _model().to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in model.teacher_encoders.parameters())
-    model = model.to(torch.float32)
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def test_the_teachers_move_with_the_criterion_and_syncbn_converts_the_student_only():
+    criterion = _criterion().to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in criterion.teachers.parameters())
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
     assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.base_encoder.modules())
-    teacher_bns = [m for m in converted.teacher_encoders.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert teacher_bns and not any(isinstance(m, nn.SyncBatchNorm) for m in teacher_bns)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in _criterion().modules())
 
 
 def test_ddp_single_process_gloo(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        model = _model()
+        model, criterion = _model(), _criterion()
         ddp = nn.parallel.DistributedDataParallel(model)
         assert list(ddp.state_dict()) == list(student_checkpoint_state(model.base_encoder))
         ddp.train()
-        s1, s2, t1, t2 = ddp(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
-        MultiTeacherDistillLoss(teachers=["t_a", "t_b"])(s1, s2, t1, t2)["distill loss"].backward()
+        x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+        s1, s2 = ddp(x1, x2)
+        criterion(x1, x2, s1, s2)["distill loss"].backward()
         assert all(p.grad is not None for p in model.base_encoder.parameters())
-        assert not model.teacher_encoders.training
+        assert not criterion.teachers.training
     finally:
         dist.destroy_process_group()
 
@@ -128,7 +136,7 @@ def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, m
     teachers = WhitenedTeachers(["resnet101_gem", "mocov3"], tmp_path, gem_p=1.0, embed_dim=6)
     assert calls[-2:] == [("resnet101_gem", tmp_path, 1.0, False), ("mocov3", tmp_path, 1.0, False)]
     assert teachers.embed_dims == [6, 6]
-    for name, layer in zip(teachers.names, teachers.norm_layers):
+    for name, layer in zip(teachers.names, teachers.whitenings):
         assert torch.equal(layer.dvt, pcas[name].dvt)
 
 

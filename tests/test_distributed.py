@@ -13,13 +13,13 @@ from helpers import CHEAP_TEACHERS, pca_from_features, torch_threads, toy_gld, w
 from test_gld_pca_learn import HEAVY, fixed_transform, pca_args
 
 from datasets.gld import GLDImageDataset, image_path, read_groups, read_image, read_image_ids
+from engine.distill import Trainer, build_model
+from engine.pca import learn_pca
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import load_pca_layer, pca_weight_path, save_pca_layer
 from models.teachers import TEACHER_FILES, build_teacher
 from utils.distributed import DistContext, init_distributed
-from utils.engine import Trainer, build_model
 from utils.log import MetricsWriter
-from utils.pca_learn import learn_pca
 from utils.runtime import seed_everything
 
 WORLD = 2
@@ -40,7 +40,7 @@ def free_port() -> int:
 def train_args() -> argparse.Namespace:
     return argparse.Namespace(arch="resnet18", teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(
         weights_dir()), embed_dim=512, p=3.0, student_init="random", trust_checkpoint=False, amp="none", lr=1e-3,
-        weight_decay=1e-6)
+        weight_decay=1e-6, st=0.05, tt=0.05, strategy="maxmin")
 
 
 def inputs():
@@ -48,11 +48,11 @@ def inputs():
     return torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 3, 64, 64, generator=g)
 
 
-def shard_embeddings(model, x1, x2):
+def shard_embeddings(model, teachers, x1, x2):
     """The student's (train mode, as in the step) and the teachers' outputs for one shard, without gradient."""
     with torch.no_grad():
-        s1, s2, t1, t2 = model(x1, x2)
-    return {"s1": s1, "s2": s2, "t1": t1, "t2": t2}
+        s1, s2 = model(x1, x2)
+        return {"s1": s1, "s2": s2, "t1": teachers(x1), "t2": teachers(x2)}
 
 
 def gloo_worker(rank, port, out_dir, pca_ids):
@@ -62,16 +62,16 @@ def gloo_worker(rank, port, out_dir, pca_ids):
     try:
         args = train_args()
         seed_everything(0)
-        model, student = build_model(args, ctx)
+        model, student, criterion = build_model(args, ctx)
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
         optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
-        trainer = Trainer(args, ctx, model, student, None, None, None, optimizer,
+        trainer = Trainer(args, ctx, model, student, criterion, None, None, None, optimizer,
                           torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10, 1e-6),
-                          MultiTeacherDistillLoss(teachers=args.teachers), torch.amp.GradScaler("cpu", enabled=False),
-                          MetricsWriter(None))
+                          torch.amp.GradScaler("cpu", enabled=False), MetricsWriter(None))
         x1, x2 = inputs()
         rows = slice(2 * rank, 2 * rank + 2)
-        embeddings = shard_embeddings(model.module, x1[rows], x2[rows])  # what the step's loss sees, before it
+        # what the step's loss sees, computed before it
+        embeddings = shard_embeddings(model.module, criterion.teachers, x1[rows], x2[rows])
         loss = trainer.step(x1[rows], x2[rows])
         torch.save({"loss": loss, "grads": {n: p.grad for n, p in student.named_parameters()},
                     "params": dict(student.named_parameters()), "embeddings": embeddings}, out_dir / f"rank{rank}.pt")
@@ -99,7 +99,7 @@ def test_ddp_step_gives_the_gradient_of_the_global_loss(two_ranks):
     out, _ = two_ranks
     args = train_args()
     seed_everything(0)
-    model, student = build_model(args, DistContext())
+    model, student, criterion = build_model(args, DistContext())
     model.train()
     x1, x2 = inputs()
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -119,8 +119,9 @@ def test_ddp_step_gives_the_gradient_of_the_global_loss(two_ranks):
     #    state is off by O(1).
     s1 = torch.cat([student(x1[:2]), student(x1[2:])])
     s2 = torch.cat([student(x2[:2]), student(x2[2:])])
-    t1 = [torch.cat(parts) for parts in zip(model.teacher_features(x1[:2]), model.teacher_features(x1[2:]))]
-    t2 = [torch.cat(parts) for parts in zip(model.teacher_features(x2[:2]), model.teacher_features(x2[2:]))]
+    teachers = criterion.teachers
+    t1 = [torch.cat(parts) for parts in zip(teachers(x1[:2]), teachers(x1[2:]))]
+    t2 = [torch.cat(parts) for parts in zip(teachers(x2[:2]), teachers(x2[2:]))]
     for got, ref in zip(glued[:2] + glued[2] + glued[3], [s1, s2] + t1 + t2):
         assert float((got - ref.detach()).norm() / ref.detach().norm()) < 1e-4
     # 3. The gradient: DDP's averaged gradient equals the one-process gradient of the global loss. Relative to
@@ -197,24 +198,24 @@ def make_trainer(weights, loader=None, **overrides) -> Trainer:
     args.seed, args.log_every, args.no_progress, args.epochs, args.ckpt_dir = 0, 1, True, 1, "unused"
     vars(args).update(overrides)
     seed_everything(0)
-    model, student = build_model(args, DistContext())
+    model, student, criterion = build_model(args, DistContext())
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
     sampler = argparse.Namespace(set_epoch=lambda epoch: None)
-    return Trainer(args, DistContext(), model, student, argparse.Namespace(batch_sampler=sampler), loader,
-                   torch.Generator(), optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, 1e-6),
-                   MultiTeacherDistillLoss(teachers=args.teachers), torch.amp.GradScaler("cpu", enabled=False),
-                   MetricsWriter(None))
+    return Trainer(args, DistContext(), model, student, criterion, argparse.Namespace(batch_sampler=sampler),
+                   loader, torch.Generator(), optimizer,
+                   torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, 1e-6),
+                   torch.amp.GradScaler("cpu", enabled=False), MetricsWriter(None))
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch(fitted_weights):
     """The engine's step descends the distillation loss (student parameters, sign, schedule wired right)."""
     trainer = make_trainer(fitted_weights)
     x1, x2 = toy_pairs()
-    teacher_state = {k: v.clone() for k, v in trainer.model.teacher_encoders.state_dict().items()}
+    teacher_state = {k: v.clone() for k, v in trainer.criterion.teachers.state_dict().items()}
     losses = [float(trainer.step(x1, x2)) for _ in range(5)]
     assert losses[-1] < 0.2 * losses[0], losses  # measured: 10.7 -> 0.73
     assert trainer.iteration == 5 and trainer.scheduler.last_epoch == 5
-    for k, v in trainer.model.teacher_encoders.state_dict().items():  # teachers frozen, BN statistics included
+    for k, v in trainer.criterion.teachers.state_dict().items():  # teachers frozen, BN statistics included
         assert torch.equal(v, teacher_state[k]), k
 
 

@@ -72,7 +72,8 @@ def test_image_dataset_returns_index_and_normalised_tensor(toy):
 
 
 def _reference_batches(groups, batch_size, world, rank, epoch, seed, rng):
-    """The paper's sampler written out naively (facts §4.3)."""
+    """The paper's sampler written out naively: groups permuted with seed + epoch, truncated to a multiple of the
+    world size, dealt out rank::world, batches of b groups, two images of each drawn with random.Random(rank)."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
     perm = torch.randperm(len(groups), generator=g).tolist()

@@ -11,10 +11,10 @@ from helpers import run_script, torch_threads, toy_gld, weights_dir
 
 from datasets.gld import GLDImageDataset, image_path, read_image, read_image_ids
 from datasets.transforms import imagenet_normalize
+from engine.pca import learn_pca, output_path, sample_items
 from models.pca_layer import load_pca_layer, pca_weight_path
 from models.teachers import TEACHER_FILES, build_teacher
 from utils.distributed import DistContext
-from utils.pca_learn import learn_pca, output_path, sample_items
 
 
 def fixed_transform(size: int = 32) -> T.Compose:

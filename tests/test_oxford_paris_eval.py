@@ -214,7 +214,7 @@ def test_bad_data(toy, tmp_path):
     jpg = data / "roxford5k" / "jpg"
     corrupt = jpg / f"{cfg['imlist'][3]}.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    fails_with([*student, "-dp", str(data)], "cannot decode image", str(corrupt))
+    fails_with([*student, "-dp", str(data)], "cannot read image file", str(corrupt))
     (jpg / f"{cfg['imlist'][5]}.jpg").unlink()
     fails_with([*student, "-dp", str(data)], "not found", f"{cfg['imlist'][5]}.jpg", str(jpg))
     shutil.rmtree(data / "revisitop1m")

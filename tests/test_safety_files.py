@@ -11,7 +11,7 @@ from PIL import Image
 
 from datasets.gld import GLDDataError, read_groups
 from datasets.oxford_paris import GroundTruthError, RevisitedDataset, load_ground_truth
-from utils.engine import RESUME_ADJUSTS, RESUME_MUST_MATCH, RESUME_NO_EFFECT
+from engine.resume import RESUME_ADJUSTS, RESUME_MUST_MATCH, RESUME_NO_EFFECT
 from utils.files import atomic_write, read_jsonl, stale_temporaries, write_json
 from utils.run_dir import truncate_metrics
 from utils.visualize import save_retrieval_strip

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from datasets.svd.eval import (
     SIM_FNS,
-    average_precision,
+    average_precision_at_k,
     build_rankings,
     check_topk,
     descriptor_similarity,
@@ -140,21 +140,21 @@ def _naive_ap(labels, k=None):
     return total / hits if hits else 0.0
 
 
-def test_average_precision_hand_computed():
+def test_average_precision_at_k_hand_computed():
     # relevant at ranks 1, 3, 6: AP = (1/1 + 2/3 + 3/6) / 3
     labels = [1, 0, 1, 0, 0, 1, 0]
-    assert math.isclose(average_precision(labels), (1 + 2 / 3 + 3 / 6) / 3)
+    assert math.isclose(average_precision_at_k(labels), (1 + 2 / 3 + 3 / 6) / 3)
     # top-3 keeps ranks 1 and 3 and normalises by the 2 relevant items inside the cut (paper's protocol)
-    assert math.isclose(average_precision(labels, 3), (1 + 2 / 3) / 2)
-    assert average_precision(labels, 1) == 1.0
-    assert average_precision([0, 0, 1], 2) == 0.0  # nothing relevant in the top 2
-    assert average_precision([]) == 0.0
-    assert average_precision([0, 2, 0, 1], 10) == (1 / 2 + 2 / 4) / 2  # labels > 0 are relevant; k > len is fine
+    assert math.isclose(average_precision_at_k(labels, 3), (1 + 2 / 3) / 2)
+    assert average_precision_at_k(labels, 1) == 1.0
+    assert average_precision_at_k([0, 0, 1], 2) == 0.0  # nothing relevant in the top 2
+    assert average_precision_at_k([]) == 0.0
+    assert average_precision_at_k([0, 2, 0, 1], 10) == (1 / 2 + 2 / 4) / 2  # labels > 0 are relevant; k > len is fine
     rng = np.random.default_rng(0)
     for _ in range(20):
         labs = rng.integers(0, 2, size=rng.integers(1, 30))
         for k in (None, 1, 5, 100):
-            assert math.isclose(average_precision(labs, k), _naive_ap(labs, k), abs_tol=1e-12)
+            assert math.isclose(average_precision_at_k(labs, k), _naive_ap(labs, k), abs_tol=1e-12)
 
 
 def test_rankings_use_only_gt_labeled_and_add_unlabeled_as_negatives():

@@ -27,24 +27,34 @@ import torch  # noqa: E402
 from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
 from models.students import build_student, student_checkpoint_state  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
+from utils.argtypes import int_at_least, positive_int, seed_int  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
 from utils.files import write_json, write_text  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
 
+DEMO_MARKER = ".whiten_mtd_demo"
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", default="demo_out", help="folder for data, weights, checkpoints, results")
     parser.add_argument("--teachers", nargs="+", default=["mocov3", "barlowtwins"], choices=list(TEACHERS),
                         help="teacher architectures (random weights); ResNet50 ones keep the demo quick on CPU")
-    parser.add_argument("--epochs", type=int, default=None, help="distillation epochs (default 12, --fast 8)")
-    parser.add_argument("--imsize", type=int, default=64, help="image size of the toy data and training crops")
-    parser.add_argument("--embed_dim", type=int, default=32, help="PCA / student dimension (small data, small dim)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="distillation epochs (default 12, --fast 8)")
+    parser.add_argument("--imsize", type=int_at_least(32), default=64,
+                        help="image size of the toy data and training crops")
+    parser.add_argument("--embed_dim", type=positive_int, default=32,
+                        help="PCA / student dimension (small data, small dim)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--fast", action="store_true", help="reduced sizes (about 1.5 minutes on 2 CPU cores)")
     parser.add_argument("--save_asset", action="store_true", help="copy the retrieval picture to assets/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = get_args_parser().parse_args(argv)
     if args.epochs is None:
         args.epochs = 8 if args.fast else 12  # --fast 8: Medium mAP improves for seeds 0-4; 4 lost on 2 of 5
     return args
@@ -77,12 +87,16 @@ def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args(argv)
+    args = parse_args(argv)
     work = Path(args.work_dir).resolve()
-    if work.exists():
+    if work.exists() and any(work.iterdir()):  # the demo's own folder is remade; nothing else is ever deleted
+        if not (work / DEMO_MARKER).is_file():
+            raise SystemExit(f"tools/demo.py: error: --work_dir {work} exists and was not made by the demo; give a "
+                             "new or empty folder (nothing is deleted)")
         shutil.rmtree(work)
     gld, rev, weights, ckpt, results = (work / n for n in ("gld", "revisitop", "weights", "ckpt", "results"))
     results.mkdir(parents=True)
+    (work / DEMO_MARKER).write_text("made by tools/demo.py, which deletes and remakes this folder\n")
     n_landmarks, n_db, n_queries = (24, 36, 6) if args.fast else (64, 60, 12)
     common = ["--device", args.device, "--seed", args.seed, "--num_workers", 0, "--embed_dim", args.embed_dim]
 

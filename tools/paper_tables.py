@@ -85,7 +85,7 @@ def render(results: dict[str, dict], evals: list[Evaluation]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> str:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Reproduce the paper's tables.")
     parser.add_argument("--data_path", default="/path/to/datasets", help="revisited Oxford/Paris root (-dp)")
     parser.add_argument("--weights", default="/path/to/pretrained_weights", help="teachers and pca_weights/")
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--only", choices=["image", "video"], default=None, help="only one of the two tables")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--read_only", action="store_true", help="only tabulate the JSONs already in --results_dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = get_args_parser().parse_args(argv)
     evals = [e for e in plan(args) if args.only in (None, e.table)]
     results_dir = Path(args.results_dir)
     results = {}

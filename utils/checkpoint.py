@@ -9,6 +9,7 @@ import codecs
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,8 @@ def _safe_numpy_globals() -> list:
     return found
 
 
-# The first bytes of the files torch.save writes: a zip archive (torch >= 1.6) or the legacy pickle whose first
-# object is torch's magic number 0x1950a86a20f9469cfc6c.
+# The first bytes of the files torch.save writes: a zip archive (torch >= 1.6), or a pickle (the legacy format).
 _ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def describe_non_checkpoint(path: Path) -> str | None:
@@ -123,33 +122,29 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
-def check_keys(expected: set[str], got: set[str], source: str, hint: str = "") -> None:
-    """Raise a CheckpointError naming the missing/unexpected keys (a few of each) of a strict load."""
-    missing = sorted(expected - got)
-    unexpected = sorted(got - expected)
-    if not missing and not unexpected:
-        return
+def check_state_dict(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, Any], source: str,
+                     hint: str = "") -> None:
+    """The checks of a strict load, before it: one ``CheckpointError`` naming (a few of) the missing keys, the
+    unexpected ones, the entries that are not tensors and the shapes that differ, then ``hint``."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    not_tensors = sorted(k for k in expected if k in loaded and not isinstance(loaded[k], torch.Tensor))
+    shapes = [f"{k}: file {tuple(loaded[k].shape)} vs expected {tuple(v.shape)}" for k, v in expected.items()
+              if isinstance(loaded.get(k), torch.Tensor) and tuple(loaded[k].shape) != tuple(v.shape)]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
-    raise CheckpointError(f"{source}: layout mismatch: " + "; ".join(parts) + (f". {hint}" if hint else ""))
-
-
-def check_shapes(module_state: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str,
-                 hint: str = "") -> None:
-    """Raise a CheckpointError naming the keys whose shapes differ between a module and a loaded state dict."""
-    bad = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in module_state.items() if k in loaded and tuple(loaded[k].shape) != tuple(v.shape)]
-    if bad:
-        suffix = f". {hint}" if hint else ""
-        raise CheckpointError(f"{source}: {len(bad)} shape mismatch(es), e.g. {bad[:3]}{suffix}")
+    if not_tensors:
+        parts.append(f"{len(not_tensors)} entries that are not tensors, e.g. {not_tensors[:5]}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
+    if parts:
+        raise CheckpointError(f"{source}: layout mismatch: " + "; ".join(parts) + (f". {hint}" if hint else ""))
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
     """Strict ``load_state_dict`` whose failures name the file and the offending keys."""
-    own = module.state_dict()
-    check_keys(set(own), set(state), source, hint)
-    check_shapes(own, state, source, hint)
+    check_state_dict(module.state_dict(), state, source, hint)
     module.load_state_dict(state, strict=True)

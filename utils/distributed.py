@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from utils.argtypes import nonnegative_int, positive_int, rendezvous_url
 from utils.files import OutputError
 
 
@@ -43,22 +42,7 @@ class DistContext:
         return self.world_size > 1
 
 
-def add_distributed_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -> None:
-    """The paper's launch flags (kept for manual multi-node launches) plus ``--device``."""
-    group = parser.add_argument_group("launch")
-    group.add_argument("--world_size", type=positive_int, default=None,
-                       help="total number of processes (default: taken from torchrun, else one per visible GPU)")
-    group.add_argument("--rank", type=nonnegative_int, default=0,
-                       help="node rank for a manual multi-node launch (default 0)")
-    group.add_argument("--dist_url", type=rendezvous_url, default=dist_url,
-                       help="rendezvous URL for a manual multi-node launch, e.g. tcp://HOST:PORT of node 0 "
-                            "(default env://: torchrun's variables, or a free local port for a one-node launch; "
-                            "the paper's fixed tcp://localhost:PORT still works)")
-    group.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
-                       help="auto: every visible GPU if there is one, else the CPU")
-
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -143,7 +127,7 @@ def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[
             raise SystemExit(f"--world_size {world_size} but this node starts {n_local} process(es): "
                              "a manual multi-node launch needs --dist_url tcp://HOST:PORT of node 0 "
                              "(or use torchrun --nnodes ... instead).")
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{free_port()}"
     else:
         dist_url = args.dist_url
     worker_args = (main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size, user_errors)
@@ -216,10 +200,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
@@ -284,8 +264,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (picklable objects)."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

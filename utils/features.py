@@ -6,7 +6,8 @@ a distributed sampler adds never yields duplicate or zero rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,35 +51,32 @@ def multiscale(embed: EmbedFn, x: torch.Tensor, scales: Sequence[float] = PAPER_
     return F.normalize(total / len(scales), dim=-1)
 
 
+def embedded_batches(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: str = "none",
+                     show_progress: bool = True, desc: str = "extract", unit: str = "img"
+                     ) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """The extraction loop of every script: per batch ``(images, *rest)`` of ``loader``, ``(embed(images) as
+    float32 on ctx.device, rest)``, under ``--amp``, with a progress bar of ``unit``/s on rank 0."""
+    meter = Throughput()
+    bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
+    for images, *rest in bar:
+        with autocast(amp, ctx.device):
+            out = embed(images.to(ctx.device, non_blocking=True))
+        meter.update(images.shape[0])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({f"{unit}_s": f"{meter.rate:.1f}"})
+        yield out.float(), rest
+
+
 @torch.inference_mode()
 def extract_features(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, amp: str = "none",
                      show_progress: bool = True, desc: str = "extract") -> torch.Tensor:
     """Embed every item of ``loader`` (which yields ``(images, indices)``) -> (total, D) float32 CPU tensor.
 
-    The result is identical on every rank. ``embed`` maps a batch on ``ctx.device`` to (B, D).
+    The result is identical on every rank. ``embed`` maps a batch on ``ctx.device`` to (B, D). Every rank has at
+    least one item: the distributed sampler pads.
     """
     feats, idxs = [], []
-    meter = Throughput()
-    bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
-    for images, indices in bar:
-        images = images.to(ctx.device, non_blocking=True)
-        with autocast(amp, ctx.device):
-            out = embed(images)
-        feats.append(out.float())
+    for out, (indices,) in embedded_batches(embed, loader, ctx, amp, show_progress, desc):
+        feats.append(out)
         idxs.append(torch.as_tensor(indices, dtype=torch.long, device=ctx.device))
-        meter.update(images.shape[0])
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(img_s=f"{meter.rate:.1f}")
-    if feats:
-        local = torch.cat(feats)
-        local_idx = torch.cat(idxs)
-    else:  # a rank with no items (more ranks than items)
-        dim = _probe_dim(embed, loader, ctx)
-        local = torch.zeros((0, dim), device=ctx.device)
-        local_idx = torch.zeros(0, dtype=torch.long, device=ctx.device)
-    return gather_by_index(local, local_idx, total).cpu()
-
-
-def _probe_dim(embed: EmbedFn, loader: DataLoader, ctx: DistContext) -> int:
-    images, _ = next(iter(DataLoader(loader.dataset, batch_size=1, collate_fn=loader.collate_fn)))
-    return int(embed(images.to(ctx.device)).shape[-1])
+    return gather_by_index(torch.cat(feats), torch.cat(idxs), total).cpu()

@@ -1,35 +1,52 @@
-"""Flags and helpers every script shares: seeding, mixed precision, progress switch, file trust."""
+"""Process-wide runtime helpers: seeding and RNG states, mixed precision, FLOP counting, memory layout."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import random
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-from utils.argtypes import seed_int
-from utils.distributed import add_distributed_args
-
-
-def add_runtime_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -> None:
-    """Flags common to the six scripts (all additive to the paper's own)."""
-    add_distributed_args(parser, dist_url=dist_url)
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=seed_int, default=0, help="seed of every random generator (default 0)")
-    group.add_argument("--amp", type=str, default="none", choices=["none", "bf16", "fp16"],
-                       help="autocast precision for forward passes (default none = fp32, as the paper)")
-    group.add_argument("--no_progress", action="store_true", help="disable progress bars")
-    group.add_argument("--trust_checkpoint", action="store_true",
-                       help="load weight files with full unpickling (only for files you trust)")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def python_rng_state(rng: random.Random | Any = random) -> list[Any]:
+    """The state of a ``random.Random`` (default: the ``random`` module's) in plain types, which a checkpoint
+    loads with ``weights_only=True``."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_rng_state(rng: random.Random | Any, state: list[Any]) -> None:
+    version, internal, gauss = state
+    rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, Python) in plain types."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": python_rng_state(random),
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    set_python_rng_state(random, state["python"])
 
 
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -14,25 +14,20 @@ from itertools import accumulate
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from datasets.images import open_rgb
 from datasets.sampler import ShardedEpochSampler
 from datasets.svd.meta import SVDMetaError, frame_path
 
 
 def read_frame(frame_root: str, video_id: str, index: int) -> Image.Image:
     """One frame as RGB; a missing or unreadable file is an error naming it (never skipped)."""
-    path = frame_path(frame_root, video_id, index)
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise SVDMetaError(f"frame file not found: {path}. The frame-count file promises it; check "
-                           "'frame_root_path' in the SVD yaml and the extracted frames.") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SVDMetaError(f"cannot read frame file {path} ({exc}); re-extract the frames of video "
-                           f"{video_id!r}.") from exc
+    return open_rgb(frame_path(frame_root, video_id, index), SVDMetaError, what="frame",
+                    missing_hint="The frame-count file promises it; check 'frame_root_path' in the SVD yaml and "
+                                 "the extracted frames.",
+                    corrupt_hint=f"Re-extract the frames of video {video_id!r}.")
 
 
 class TrainFrames(Dataset):
@@ -72,7 +67,7 @@ def two_view_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
 
 
 class DistributedFrameSampler(ShardedEpochSampler):
-    """The paper's ``DistributedFrameSampler`` (facts §4.3): one uniformly random frame per training video.
+    """The paper's ``DistributedFrameSampler``: one uniformly random frame per training video.
 
     Videos are permuted with a generator seeded ``seed + epoch + 1`` (the paper's SVD loop hands its sampler the
     1-based epoch); each video's frame is drawn with the per-rank RNG (skeleton in ``datasets.sampler``).

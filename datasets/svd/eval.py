@@ -13,7 +13,7 @@ if needed, the queries) are processed in chunks, each one matrix product plus ve
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from utils.distributed import DistContext, gather_by_index
-from utils.log import Throughput, progress
-from utils.runtime import autocast
+from utils.features import EmbedFn, embedded_batches
 
 SIM_FNS = ("fme", "fmx", "sme", "smx", "cf")
 POOLED_SIM_FNS = ("fme", "fmx")
@@ -149,25 +148,15 @@ def video_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: torch.Te
 # model together); query descriptors are assembled on every rank, candidates are scored against all queries as
 # they are embedded, so only (Q, C) similarities are ever gathered, never all candidates' frame features.
 
-EmbedFn = Callable[[torch.Tensor], torch.Tensor]
-
-
 def _embedded_videos(embed: EmbedFn, loader: DataLoader, ctx: DistContext, sim_fn: str, num_frames: int,
                      amp: str, show_progress: bool, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
     """Per batch of this rank: (descriptors, lengths, dataset indices) on ``ctx.device``.
 
     ``loader`` yields ``(frames of all its videos concatenated, frames per video, dataset indices)``.
     """
-    bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
-    meter = Throughput()
-    for frames, lens, indices in bar:
-        with autocast(amp, ctx.device):
-            out = embed(frames.to(ctx.device, non_blocking=True))
-        meter.update(frames.shape[0])
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(frames_s=f"{meter.rate:.1f}")
+    for out, (lens, indices) in embedded_batches(embed, loader, ctx, amp, show_progress, desc, unit="frames"):
         lens = lens.to(ctx.device)
-        yield video_descriptors(pad_frames(out.float(), lens, num_frames), lens, sim_fn), lens, indices.to(ctx.device)
+        yield video_descriptors(pad_frames(out, lens, num_frames), lens, sim_fn), lens, indices.to(ctx.device)
 
 
 @torch.inference_mode()
@@ -196,7 +185,7 @@ def score_videos(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContex
 # Rankings and AP@k (the paper's APScorer)
 
 
-def average_precision(sorted_labels: Sequence[int] | np.ndarray, k: int | None = None) -> float:
+def average_precision_at_k(sorted_labels: Sequence[int] | np.ndarray, k: int | None = None) -> float:
     """AP of a ranked label list cut at ``k`` (None = the whole list), normalised by the relevant items that
     lie *within* the top k (the paper's protocol); 0 when there are none."""
     labels = np.asarray(sorted_labels)[:k] > 0
@@ -243,8 +232,8 @@ def mean_average_precision(rankings: Sequence[np.ndarray], topk: Sequence[int]) 
     topk = check_topk(topk)
     if not rankings:
         raise ValueError("no queries to evaluate")
-    result = {f"top-{k}": float(np.mean([average_precision(r, k) for r in rankings])) for k in topk}
-    result["top-inf"] = float(np.mean([average_precision(r) for r in rankings]))
+    result = {f"top-{k}": float(np.mean([average_precision_at_k(r, k) for r in rankings])) for k in topk}
+    result["top-inf"] = float(np.mean([average_precision_at_k(r) for r in rankings]))
     return result
 
 

@@ -25,7 +25,6 @@ from utils.files import files_exist, read_text
 # feature_root_path) are accepted and ignored, as in the paper's code.
 USED_KEYS = ("query_id", "labeled_id", "unlabeled_id", "train_groundtruth", "test_groundtruth",
              "frame_root_path", "frame_count_file")
-UNUSED_KEYS = ("all_video_id", "groundtruth", "video_root_paths", "feature_root_path")
 
 GroundTruth = dict[str, dict[str, int]]
 

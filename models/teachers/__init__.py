@@ -23,7 +23,7 @@ from models.teachers.resnet_gem import RESNET101_AP_GEM, RESNET101_GEM
 from models.teachers.solar import RESNET101_SOLAR
 from models.teachers.spec import TeacherSpec, random_tensor
 from models.teachers.ssl import BARLOWTWINS, MOCOV3
-from utils.checkpoint import CheckpointError, check_keys, check_shapes, load_file, save_atomic
+from utils.checkpoint import CheckpointError, check_state_dict, load_file, save_atomic
 
 __all__ = ["TEACHERS", "TEACHER_FILES", "TeacherSpec", "build_teacher", "teacher_from_checkpoint",
            "published_checkpoint", "write_published_layout"]
@@ -89,14 +89,9 @@ def _module_state(spec: TeacherSpec, teacher: nn.Module, state: Mapping[str, Any
     own = teacher.state_dict()
     file_to_module = {spec.file_key(key): key for key in own}
     kept = {key: value for key, value in state.items() if not spec.dropped(key)}
-    hint = f"The file must have the published layout of {spec.file}."
-    check_keys(set(file_to_module) | spec.required_extra, set(kept), source, hint)
-    not_tensors = [key for key, value in kept.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{source}: entries that are not tensors: {not_tensors[:5]}. {hint}")
     expected = {file_key: own[module_key] for file_key, module_key in file_to_module.items()}
     expected.update({key: torch.empty(spec.extra_keys[key][0], device="meta") for key in spec.required_extra})
-    check_shapes(expected, kept, source, hint)
+    check_state_dict(expected, kept, source, f"The file must have the published layout of {spec.file}.")
     return {module_key: kept[file_key].to(own[module_key].dtype) for file_key, module_key in file_to_module.items()}
 
 

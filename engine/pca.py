@@ -1,6 +1,6 @@
 """Learning a teacher's PCA-whitening layer (the flow shared by gld_pca_learn.py and svd_pca_learn.py).
 
-Faithful to the paper (facts §4.2): the teacher in eval mode embeds every image of the set, outputs are
+Faithful to the paper: the teacher in eval mode embeds every image of the set, outputs are
 L2-normalised, and rank 0 fits ``PCAWhitening(teacher.embed_dim, embed_dim)`` and writes the published format.
 Unlike the paper, the sample is drawn from one seeded RNG that is identical on every rank, and features are
 reassembled by dataset index, so no rank's padding or drop ever adds zero rows to the covariance (B11).
@@ -19,55 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
-from models.teachers import TEACHERS, build_teacher
-from utils.argtypes import nonnegative_int, output_file, positive_float, positive_int
+from models.teachers import build_teacher
 from utils.distributed import DistContext, barrier
 from utils.features import distributed_loader, extract_features
 from utils.log import get_logger
 
 T = TypeVar("T")
-
-
-def add_pca_args(parser: argparse.ArgumentParser, *, p_default: float) -> None:
-    """Flags both PCA scripts share (names, short forms and defaults of the paper's, facts §4.1)."""
-    parser.add_argument("-t", "--teacher", required=True, choices=list(TEACHERS), metavar="NAME",
-                        help=f"teacher whose descriptors are whitened: {', '.join(TEACHERS)}")
-    parser.add_argument("--num_workers", type=nonnegative_int, default=8,
-                        help="data loader workers per process (default 8)")
-    parser.add_argument("--embed_dim", type=positive_int, default=512,
-                        help="output dimension of the PCA-whitening (default 512; at most the teacher's descriptor)")
-    parser.add_argument("-b", "--batch_size", type=positive_int, default=256,
-                        help="images per batch and process (default 256)")
-    parser.add_argument("-p", type=positive_float, default=p_default,
-                        help=f"GeM power of the teacher (default {p_default:g})")
-    parser.add_argument("--path_to_pretrained_weights", type=str, default="/path/to/pretrained_weights",
-                        metavar="DIR", help="folder of the teacher weight files (and pca_weights/)")
-    parser.add_argument("--dump_to", type=output_file, default=None, metavar="FILE",
-                        help="output file (default: the published name under "
-                             "--path_to_pretrained_weights/pca_weights/); an existing file is kept unless --overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the output file when it exists (e.g. a downloaded published PCA file)")
-
-
-def check_pca_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Cross-flag checks, as argparse errors: the whitening can only reduce the descriptor, and an existing output
-    (perhaps the published file) is never replaced without --overwrite."""
-    dim = TEACHERS[args.teacher].descriptor_dim
-    if args.embed_dim > dim:
-        parser.error(f"--embed_dim {args.embed_dim} is larger than the {dim}-d descriptor of teacher "
-                     f"{args.teacher}; a PCA-whitening can only reduce it")
-    out = output_path(args, args.teacher)
-    if out.is_dir():
-        parser.error(f"the output {out} is a folder; pass --dump_to FILE")
-    if out.exists() and not args.overwrite:
-        parser.error(f"the output {out} exists{' (a published file?)' if args.dump_to is None else ''}; pass "
-                     "--overwrite to replace it, or --dump_to another file")
-    if args.dump_to is None:
-        try:
-            output_file(str(out))
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"--path_to_pretrained_weights: {exc}")
-    return args
 
 
 def sample_items(items: Sequence[T], num_samples: int, seed: int) -> list[T]:
