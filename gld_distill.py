@@ -8,7 +8,6 @@ Uses every visible GPU (one process each), or the CPU; ``torchrun --nproc_per_no
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from datasets.gld import (
     CSV_NAME,
@@ -19,9 +18,10 @@ from datasets.gld import (
     pair_collate,
     read_groups,
 )
-from datasets.transforms import gld_train_transform
+from datasets.transforms import GLDView, gld_train_transform
 from engine.cli import add_distill_args, add_gld_root, check_distill_args, make_parser
 from engine.distill import TrainData, preflight, run_distillation
+from engine.teacher_cache import cached_halves_collate
 from utils.argtypes import positive_float, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
@@ -32,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = make_parser("Multi-teacher distillation on Google Landmarks v2 (clean).")
     data, training = add_distill_args(parser, arch_default="resnet18", lr_default=1e-3, p_default=3.0)
     add_gld_root(data)
+    data.add_argument("--gld_csv", default=CSV_NAME, metavar="CSV",
+                      help="landmark list under --gld_root_path (or an absolute path), e.g. the filtered "
+                           "meta/train_clean_available.csv of tools/prepare_gld.py")
     data.add_argument("--imsize", type=positive_int, default=512, help="RandomResizedCrop size of the training views")
     training.add_argument("-tt", type=positive_float, default=0.05,
                           help="teacher similarity temperature (lower: sharper targets)")
@@ -45,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_gld_data(args: argparse.Namespace, ctx: DistContext) -> TrainData:
-    dataset = GLDPairDataset(args.gld_root_path, gld_train_transform(args.imsize))
+    dataset = GLDPairDataset(args.gld_root_path, gld_train_transform(args.imsize), csv_name=args.gld_csv)
     sampler = DistributedGroupSampler(dataset.groups, args.batch_size, ctx.world_size, ctx.rank, seed=args.seed)
-    return TrainData(dataset, sampler, pair_collate, fingerprint([dataset.image_ids, [len(g) for g in dataset.groups]]))
+    return TrainData(dataset, sampler, pair_collate, fingerprint([dataset.image_ids, [len(g) for g in dataset.groups]]),
+                     load_item=dataset.load, views=[GLDView(args.imsize)], cached_collate=cached_halves_collate)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
@@ -56,10 +60,8 @@ def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
 
 def check_gld(args: argparse.Namespace) -> None:
     """Before any work: the CSV and every training image (a missing one would be found hours into the run)."""
-    csv_file = Path(args.gld_root_path) / CSV_NAME
-    if not csv_file.is_file():
-        raise SystemExit(f"GLDv2 metadata file not found: {csv_file}. --gld_root_path must contain {CSV_NAME}.")
-    check_images_exist(args.gld_root_path, [i for g in read_groups(args.gld_root_path) for i in g], "training")
+    groups = read_groups(args.gld_root_path, csv_name=args.gld_csv)
+    check_images_exist(args.gld_root_path, [i for g in groups for i in g], "training")
     preflight(args, pca_script="gld_pca_learn.py")
 
 

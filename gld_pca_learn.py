@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from datasets.gld import GLDDataError, GLDImageDataset, check_images_exist, read_image_ids
+from datasets.gld import IDS_NAME, GLDDataError, GLDImageDataset, check_images_exist, read_image_ids
 from datasets.transforms import gld_train_transform
 from engine.cli import add_gld_root, add_pca_args, check_pca_args, make_parser
 from engine.pca import learn_pca, sample_items
@@ -22,6 +22,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = make_parser("Learn the PCA-whitening of a teacher on GLDv2 images.")
     data = add_pca_args(parser, p_default=3.0)
     add_gld_root(data)
+    data.add_argument("--gld_ids", default=IDS_NAME, metavar="TXT",
+                      help="image id list under --gld_root_path (or an absolute path), e.g. the filtered "
+                           "meta/train_clean_available_ids.txt of tools/prepare_gld.py")
     data.add_argument("--imsize", type=positive_int, default=512,
                       help="RandomResizedCrop size (the published files: 512)")
     data.add_argument("--num_samples", type=int, default=10000,
@@ -38,12 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sampled_ids(args: argparse.Namespace) -> list[str]:
-    return sample_items(read_image_ids(args.gld_root_path), args.num_samples, args.seed)
+    return sample_items(read_image_ids(args.gld_root_path, args.gld_ids), args.num_samples, args.seed)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     logger = setup_logging(ctx.is_main)
-    log_run_header(logger, args)
+    log_run_header(logger, args, ctx.launch)
     seed_everything(args.seed + ctx.rank)  # augmentation differs per rank, reproducibly
     dataset = GLDImageDataset(args.gld_root_path, sampled_ids(args), gld_train_transform(args.imsize))
     learn_pca(args.teacher, dataset, args, ctx)

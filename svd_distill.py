@@ -11,7 +11,7 @@ import argparse
 
 from datasets.svd.data import DistributedFrameSampler, TrainFrames, two_view_collate
 from datasets.svd.meta import SVDMeta, SVDMetaError
-from datasets.transforms import svd_distill_transform
+from datasets.transforms import svd_distill_transform, svd_distill_views
 from engine.cli import (
     add_crop_size,
     add_distill_args,
@@ -21,6 +21,7 @@ from engine.cli import (
     make_parser,
 )
 from engine.distill import TrainData, preflight, run_distillation
+from engine.teacher_cache import cached_pairs_collate
 from utils.argtypes import nonnegative_int, positive_float
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
@@ -65,7 +66,8 @@ def build_svd_data(args: argparse.Namespace, ctx: DistContext) -> TrainData:
     videos, counts = meta.training_videos()
     dataset = TrainFrames(meta.frame_root, videos, counts, svd_distill_transform(args.crop_size))
     sampler = DistributedFrameSampler(counts, args.batch_size, ctx.world_size, ctx.rank, seed=args.seed)
-    return TrainData(dataset, sampler, two_view_collate, fingerprint([videos, counts]))
+    return TrainData(dataset, sampler, two_view_collate, fingerprint([videos, counts]), load_item=dataset.load,
+                     views=list(svd_distill_views(args.crop_size)), cached_collate=cached_pairs_collate)
 
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:

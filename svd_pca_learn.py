@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main_worker(args: argparse.Namespace, ctx: DistContext) -> None:
     logger = setup_logging(ctx.is_main)
-    log_run_header(logger, args)
+    log_run_header(logger, args, ctx.launch)
     seed_everything(args.seed + ctx.rank)  # augmentation differs per rank, reproducibly
     meta = SVDMeta.from_yaml(args.dataset_meta)
     videos, counts = meta.training_videos()

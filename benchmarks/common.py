@@ -7,7 +7,6 @@ taken from one such run, never across runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import platform
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from utils import files
+from utils import files, runtime
 from utils.config import to_plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -100,21 +99,14 @@ def _status_kib(field: str) -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 def map_large_allocations(threshold: int = 256 * 1024) -> bool:
     """Serve every allocation >= ``threshold`` bytes by its own ``mmap`` (glibc), unmapped again on free.
 
     Without this, glibc recycles freed blocks inside its heap: the resident set then tracks the heap's history
     (holes faulted back in one by one) rather than the bytes live now, and a peak read from it can grow with the
     size of earlier, already freed data. Called once by ``setup``; False where the C library is not glibc."""
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallopt"):
+    libc = runtime.glibc()
+    if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
 
@@ -122,9 +114,7 @@ def map_large_allocations(threshold: int = 256 * 1024) -> bool:
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc), so the next peak counts only what is allocated anew."""
     gc.collect()
-    libc = _glibc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    runtime.release_freed_memory()
 
 
 def _reset_rss_peak() -> bool:

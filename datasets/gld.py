@@ -45,26 +45,31 @@ def read_image(path: str | Path) -> Image.Image:
                     corrupt_hint="Re-download it or remove its id from the metadata.")
 
 
-def read_groups(root: str | Path, min_images: int = 2) -> list[list[str]]:
-    """Landmark groups of ``meta/train_clean.csv``; groups with fewer than ``min_images`` images are dropped."""
-    path = Path(root) / CSV_NAME
+def read_landmarks(root: str | Path, csv_name: str = CSV_NAME) -> list[tuple[str, list[str], int]]:
+    """The rows of a GLDv2 CSV (``csv_name`` under ``root``, or an absolute path): (landmark id, image ids, line)."""
+    path = Path(root) / csv_name
     if not path.is_file():
-        raise GLDDataError(f"GLDv2 metadata file not found: {path}. --gld_root_path must contain {CSV_NAME}.")
+        raise GLDDataError(f"GLDv2 metadata file not found: {path}. --gld_root_path must contain {csv_name}.")
     with io.StringIO(read_text(path, GLDDataError, "GLDv2 metadata file"), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "images" not in [c.strip() for c in reader.fieldnames]:
             raise GLDDataError(f"{path} has no 'images' column (header: {reader.fieldnames}); expected the GLDv2 "
                                "train_clean.csv header 'landmark_id,images'.")
         reader.fieldnames = [c.strip() for c in reader.fieldnames]
-        groups = []
-        for row in reader:
-            group = (row["images"] or "").split()
-            if len(set(group)) != len(group):  # two copies of one image would be a pair of an image with itself
-                twice = next(i for i in group if group.count(i) > 1)
-                raise GLDDataError(f"{path}:{reader.line_num}: landmark {row.get('landmark_id')!r} lists image "
-                                   f"{twice} more than once; a pair must be two different images. Remove the "
-                                   "repeat from the CSV (or use a filtered copy).")
-            groups.append(group)
+        return [(str(row.get("landmark_id")), (row["images"] or "").split(), reader.line_num) for row in reader]
+
+
+def read_groups(root: str | Path, min_images: int = 2, csv_name: str = CSV_NAME) -> list[list[str]]:
+    """Landmark groups of the CSV; groups with fewer than ``min_images`` images are dropped."""
+    path = Path(root) / csv_name
+    groups = []
+    for landmark, group, line in read_landmarks(root, csv_name):
+        if len(set(group)) != len(group):  # two copies of one image would be a pair of an image with itself
+            twice = next(i for i in group if group.count(i) > 1)
+            raise GLDDataError(f"{path}:{line}: landmark {landmark!r} lists image {twice} more than once; a pair "
+                               "must be two different images. Remove the repeat (tools/prepare_gld.py writes a "
+                               "filtered CSV).")
+        groups.append(group)
     kept = [g for g in groups if len(g) >= min_images]
     if not kept:
         raise GLDDataError(f"{path} has no landmark with at least {min_images} images ({len(groups)} rows read); "
@@ -74,12 +79,14 @@ def read_groups(root: str | Path, min_images: int = 2) -> list[list[str]]:
     return kept
 
 
-def read_image_ids(root: str | Path) -> list[str]:
-    """All ids of ``meta/train_clean_ids.txt`` (one per line; blank lines are not ids)."""
-    path = Path(root) / IDS_NAME
+def read_image_ids(root: str | Path, ids_name: str = IDS_NAME) -> list[str]:
+    """All ids of an id list (``ids_name`` under ``root``, or an absolute path; one per line, blank lines are not
+    ids)."""
+    path = Path(root) / ids_name
     if not path.is_file():
-        raise GLDDataError(f"GLDv2 id list not found: {path}. --gld_root_path must contain {IDS_NAME} "
-                           "(one image id per line, e.g. all ids of meta/train_clean.csv).")
+        raise GLDDataError(f"GLDv2 id list not found: {path}. --gld_root_path must contain {ids_name} "
+                           "(one image id per line, e.g. all ids of meta/train_clean.csv; tools/prepare_gld.py "
+                           "writes it).")
     ids = [line.strip() for line in read_text(path, GLDDataError, "GLDv2 id list").splitlines() if line.strip()]
     if not ids:
         raise GLDDataError(f"{path} lists no image ids")
@@ -101,10 +108,10 @@ class GLDPairDataset(Dataset):
     """The images of the landmark groups, flattened and indexed by integer; ``groups`` holds those indices."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None,
-                 groups: Sequence[Sequence[str]] | None = None) -> None:
+                 groups: Sequence[Sequence[str]] | None = None, csv_name: str = CSV_NAME) -> None:
         self.root = Path(root)
         self.transform = transform
-        id_groups = read_groups(root) if groups is None else groups
+        id_groups = read_groups(root, csv_name=csv_name) if groups is None else groups
         self.image_ids: list[str] = []
         self.groups: list[list[int]] = []
         for group in id_groups:
@@ -115,8 +122,12 @@ class GLDPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def load(self, index: int) -> Image.Image:
+        """The image itself, untransformed."""
+        return read_image(image_path(self.root, self.image_ids[index]))
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = read_image(image_path(self.root, self.image_ids[index]))
+        img = self.load(index)
         return self.transform(img) if self.transform is not None else img
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.images import open_rgb
+from datasets.ranking import HigherCounter, TopK
 from utils.files import files_exist, read_text
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -149,10 +150,12 @@ class ImageList(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path], transform: Callable | None = None, imsize: int | None = None,
-                 boxes: Sequence[Sequence[float]] | None = None, where: str = "") -> None:
+                 boxes: Sequence[Sequence[float]] | None = None, where: str = "",
+                 names: Sequence[str] | None = None) -> None:
         if boxes is not None and len(boxes) != len(paths):
             raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
         self.paths = list(paths)
+        self.names = [str(n) for n in names] if names is not None else [p.name for p in self.paths]
         self.transform = transform
         self.imsize = imsize
         self.boxes = boxes
@@ -245,7 +248,7 @@ def distractor_images(root: str | os.PathLike, transform: Callable | None = None
     if not names:
         raise DatasetError(f"distractor list {listing} is empty; download revisitop1m.txt again")
     return ImageList([folder / "jpg" / n for n in names], transform, imsize,
-                     where=f"Expected the R1M distractors in {folder / 'jpg'} (download them there).")
+                     where=f"Expected the R1M distractors in {folder / 'jpg'} (download them there).", names=names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,49 +313,37 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[dict],
     return map_from_positions(positions, gnd, kappas)
 
 
+def padded_items(items: Sequence[np.ndarray], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """(queries x width) indices, zero-padded, and each query's count."""
+    sizes = [len(np.asarray(it).reshape(-1)) for it in items]
+    idx = torch.zeros((len(items), max(sizes + [1])), dtype=torch.long, device=device)
+    for q, it in enumerate(items):
+        idx[q, : sizes[q]] = torch.as_tensor(np.asarray(it, dtype=np.int64).reshape(-1), device=device)
+    return idx, sizes
+
+
 def item_positions(scores: torch.Tensor, items: Sequence[np.ndarray], chunk_size: int = 65536) -> list[np.ndarray]:
     """Positions (0-based) of ``items[q]`` (database indices) in the ranking of query ``q``, without sorting.
 
-    Equal to the full sort ``torch.argsort(-scores, dim=0, stable=True)`` inverted at those items, ties included.
-    Per query the item scores are sorted (a few hundred values); the database is swept in chunks of rows and each
-    score is bucketed among them with ``searchsorted``, so memory is O(chunk x queries) and time
-    O(db x queries x log(items)).
+    Equal to the full sort ``torch.argsort(-scores, dim=0, stable=True)`` inverted at those items, ties included:
+    the scores strictly above (``HigherCounter``) plus the equal scores of lower database index.
     """
     if scores.ndim != 2 or scores.shape[1] != len(items):
         raise ValueError(f"scores must be (db, {len(items)} queries), got {tuple(scores.shape)}")
     n_db, nq = scores.shape
-    device = scores.device
-    sizes = [len(np.asarray(it).reshape(-1)) for it in items]
-    width = max(sizes + [1])
-    idx = torch.zeros((nq, width), dtype=torch.long, device=device)
-    for q, it in enumerate(items):
-        idx[q, : sizes[q]] = torch.as_tensor(np.asarray(it, dtype=np.int64).reshape(-1), device=device)
-    item_scores = scores.gather(0, idx.T).T  # (nq, width); padding columns are ignored below
-    valid = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
-    pad = torch.finfo(scores.dtype).max
-    thresholds = torch.sort(torch.where(valid, item_scores, torch.full_like(item_scores, pad)), dim=1).values
-    # bucket b of a database score = number of thresholds strictly below it; ties with a threshold are kept aside
-    counts = torch.zeros((nq, width + 1), dtype=torch.long, device=device)
-    offsets = torch.arange(nq, device=device)[:, None] * (width + 1)
+    idx, sizes = padded_items(items, scores.device)
+    counter = HigherCounter(scores.gather(0, idx.T).T, sizes)  # item scores: padding columns are ignored
+    width = counter.thresholds.shape[1]
     ties: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for start in range(0, n_db, chunk_size):
         block = scores[start:start + chunk_size].T.contiguous()  # (nq, c)
-        if not bool(torch.isfinite(block).all()):  # per chunk: a whole-matrix check would cost ~7 bytes per score
-            raise ValueError("scores contain NaN or infinite values; check the extracted features")
-        left = torch.searchsorted(thresholds, block, right=False)
-        left += offsets  # in place (as below): the chunk's temporaries stay at two (nq, c) tensors
-        counts += torch.bincount(left.view(-1), minlength=nq * (width + 1)).view(nq, width + 1)
-        left -= offsets
-        tied = thresholds.gather(1, left.clamp_(max=width - 1)) == block  # a tie is never in the padding bucket
+        left = counter.add(block)
+        tied = counter.thresholds.gather(1, left.clamp_(max=width - 1)) == block  # never in the padding bucket
         q_t, j_t = torch.nonzero(tied, as_tuple=True)
         ties.append((q_t, j_t + start, left[q_t, j_t]))
-    # strictly higher = database scores in buckets at or above the first bucket past the item's tie group
-    above = counts.flip(1).cumsum(1).flip(1)  # above[q, b] = #scores in buckets >= b
-    item_right = torch.searchsorted(thresholds, item_scores.contiguous(), right=True)
-    item_left = torch.searchsorted(thresholds, item_scores.contiguous(), right=False)
-    higher = above.gather(1, item_right)  # item_right <= width: padding never ties with a real score
+    item_left = torch.searchsorted(counter.thresholds, counter.item_scores, right=False)
     tie_q, tie_j, tie_g = (torch.cat(t).cpu().numpy() for t in zip(*ties))
-    higher, item_left = higher.cpu().numpy(), item_left.cpu().numpy()
+    higher, item_left = counter.higher().cpu().numpy(), item_left.cpu().numpy()
     out = []
     for q in range(nq):
         it = np.asarray(items[q], dtype=np.int64).reshape(-1)
@@ -399,21 +390,31 @@ class RevisitedResult:
                 f">> {self.dataset}: mP@k{ks} E: {mpr['E']}, M: {mpr['M']}, H: {mpr['H']}"]
 
 
-def evaluate_scores(scores: torch.Tensor, gnd: Sequence[dict], dataset: str = "",
-                    kappas: Sequence[int] = KAPPAS, chunk_size: int = 65536) -> RevisitedResult:
-    """E/M/H mAP and mP@k from a (database [+ distractors]) x queries score matrix, without a full sort."""
-    items = [np.unique(np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1)
-                                       for k in ("easy", "hard", "junk")])) for g in gnd]
-    pos = item_positions(scores, items, chunk_size)
-    lookup = [dict(zip(it.tolist(), p.tolist())) for it, p in zip(items, pos)]
+def labelled_items(gnd: Sequence[dict]) -> list[np.ndarray]:
+    """Each query's easy, hard and junk database indices (the only positions the metrics need), sorted, unique."""
+    return [np.unique(np.concatenate([np.asarray(g[k], dtype=np.int64).reshape(-1)
+                                      for k in ("easy", "hard", "junk")])) for g in gnd]
+
+
+def result_from_positions(items: Sequence[np.ndarray], positions: Sequence[np.ndarray], gnd: Sequence[dict],
+                          dataset: str = "", kappas: Sequence[int] = KAPPAS) -> RevisitedResult:
+    """E/M/H mAP and mP@k from the ranking positions of each query's ``labelled_items``."""
+    lookup = [dict(zip(it.tolist(), p.tolist())) for it, p in zip(items, positions)]
     result = RevisitedResult(dataset=dataset, kappas=tuple(int(k) for k in kappas))
     for mode in MODES:
         sets = revisited_ground_truth(gnd, mode)
-        positions = [(np.sort([lk[i] for i in np.unique(s["ok"])]).astype(np.int64),
-                      np.sort([lk[i] for i in np.unique(s["junk"])]).astype(np.int64)) for lk, s in zip(lookup, sets)]
-        result.map[mode], result.aps[mode], result.mpr[mode], _ = map_from_positions(positions, sets, kappas)
+        pos = [(np.sort([lk[i] for i in np.unique(s["ok"])]).astype(np.int64),
+                np.sort([lk[i] for i in np.unique(s["junk"])]).astype(np.int64)) for lk, s in zip(lookup, sets)]
+        result.map[mode], result.aps[mode], result.mpr[mode], _ = map_from_positions(pos, sets, kappas)
         result.n_evaluated[mode] = int(np.count_nonzero(~np.isnan(result.aps[mode])))
     return result
+
+
+def evaluate_scores(scores: torch.Tensor, gnd: Sequence[dict], dataset: str = "",
+                    kappas: Sequence[int] = KAPPAS, chunk_size: int = 65536) -> RevisitedResult:
+    """E/M/H mAP and mP@k from a (database [+ distractors]) x queries score matrix, without a full sort."""
+    items = labelled_items(gnd)
+    return result_from_positions(items, item_positions(scores, items, chunk_size), gnd, dataset, kappas)
 
 
 def similarity(database: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -423,37 +424,31 @@ def similarity(database: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(queries x k) best database indices per query, in the order of the stable full sort (ties included)."""
-    k = min(k, scores.shape[0])
-    out = []
-    for q in range(scores.shape[1]):
-        column = scores[:, q]
-        kth = torch.topk(column, k).values[-1]
-        cand = torch.nonzero(column >= kth).flatten()  # ascending index, so a stable sort keeps ties in order
-        order = torch.argsort(-column[cand], stable=True)
-        out.append(cand[order[:k]])
-    return torch.stack(out)
+    best = TopK(scores.shape[1], min(k, scores.shape[0]), scores.device)
+    best.add(scores.T, 0)
+    return best.rows
 
 
-def save_query_strips(out_dir: str | os.PathLike, dataset: RevisitedDataset, scores: torch.Tensor, k: int = 10,
+def save_query_strips(out_dir: str | os.PathLike, dataset: RevisitedDataset, best: TopK,
                       crop_queries: bool = False, distractors: ImageList | None = None) -> list[Path]:
-    """One PNG per query: the query (cropped as evaluated) and its top ``k`` results, framed by their Medium label
-    (positive = easy or hard, junk, negative; distractors are negatives)."""
+    """One PNG per query: the query (cropped as evaluated) and its best results (rows of the database, then of the
+    distractors), framed by their Medium label (positive = easy or hard, junk, negative; distractors are
+    negatives)."""
     from utils.visualize import save_retrieval_strip
 
     out_dir = Path(out_dir)
     queries, database = dataset.queries(crop=crop_queries), dataset.database()
-    best = top_k(scores, k).cpu().numpy()
     written = []
-    for q, row in enumerate(best):
+    for q, (row, scores) in enumerate(zip(best.rows.cpu().tolist(), best.scores.cpu().tolist())):
         g = dataset.gnd[q]
         positive = set(np.asarray(g["easy"]).reshape(-1).tolist()) | set(np.asarray(g["hard"]).reshape(-1).tolist())
         junk = set(np.asarray(g["junk"]).reshape(-1).tolist())
         results, captions = [], []
-        for r, i in enumerate(row.tolist()):
+        for r, (i, score) in enumerate(zip(row, scores)):
             img = database.load(i) if i < dataset.n_database else distractors.load(i - dataset.n_database)
             label = "positive" if i in positive else "junk" if i in junk else "negative"
             results.append((img, label))
-            captions.append(f"#{r + 1} {float(scores[i, q]):.3f}")
+            captions.append(f"#{r + 1} {score:.3f}")
         name = f"{dataset.name}_q{q:03d}_{Path(dataset.qimlist[q]).name}.png"
         written.append(save_retrieval_strip(out_dir / name, queries.load(q), results, captions=captions))
     return written

@@ -88,3 +88,71 @@ class ShardedEpochSampler(Sampler[list[int]]):
                              f"{state['world_size']}, this run has seed {self.seed} and world size {self.world_size}")
         self.epoch = int(state["epoch"])
         set_python_rng_state(self.rng, state["rng"])
+
+
+def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The augmentation seed of the ``position``-th item a rank loads in an epoch."""
+    return (((seed * 1_000_003 + epoch) * 10_007 + rank) * 4_000_037 + position) % (2**63)
+
+
+class SeededBatches:
+    """An epoch sampler's batches with a seed per item, ``(index, seed)``; the seed depends only on (seed, epoch,
+    rank, position in the epoch), so an item's augmentation is the same whichever loader worker draws it, and a run
+    resumed in the middle of an epoch (``skip`` its first batches) sees exactly the batches and augmentations it
+    would have seen. The skipped batches are drawn again, which advances the sampler's RNG as the first run did."""
+
+    def __init__(self, sampler: ShardedEpochSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+        self.skip = 0
+        self.epoch_start_state = sampler.state_dict()
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def batch_bounds(self) -> list[tuple[int, int]]:
+        return self.sampler.batch_bounds()
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        self.epoch_start_state = self.sampler.state_dict()  # what a checkpoint in the middle of this epoch keeps
+        position = 0
+        for b, batch in enumerate(self.sampler):
+            if b >= self.skip:
+                yield [(i, item_seed(self.seed, self.sampler.epoch, self.sampler.rank, position + j))
+                       for j, i in enumerate(batch)]
+            position += len(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[index]`` drawn with the torch and Python RNGs seeded by the item's own seed, restored afterwards
+    (in a loader worker or in the training process alike)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)

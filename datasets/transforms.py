@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import random
 
+import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import ImageFilter, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,3 +89,90 @@ def svd_test_transform(input_norm: str = "none", crop_size: int = 224) -> T.Comp
     if input_norm == "imagenet":
         steps.append(imagenet_normalize())
     return T.Compose(steps)
+
+
+# ---- replayable views (--teacher_cache): each random choice drawn once, stored, and applied again -----------------
+# The draws are those of the transforms above, in the same order and from the same RNGs (torch for the torchvision
+# steps, Python's random for the blur radius), so a stored view is a sample of exactly the training distribution;
+# ``apply`` then makes the same pixels from the parameters alone.
+
+class ReplayableView:
+    """A view's random choices as a float vector: ``sample(img)`` draws them, ``apply(img, params)`` makes the view."""
+
+    n_params: int
+
+    def sample(self, img) -> list[float]:
+        raise NotImplementedError
+
+    def apply(self, img, params):
+        raise NotImplementedError
+
+
+class GLDView(ReplayableView):
+    """``gld_train_transform``: [i, j, h, w] of RandomResizedCrop(0.4-1), then a horizontal flip (0/1)."""
+
+    n_params = 5
+
+    def __init__(self, imsize: int) -> None:
+        self.size = int(imsize)
+        self.crop = T.RandomResizedCrop(self.size, scale=(0.4, 1.0))
+        self.finish = T.Compose([T.ToTensor(), imagenet_normalize()])
+
+    def sample(self, img) -> list[float]:
+        i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        return [i, j, h, w, float(torch.rand(1) < 0.5)]
+
+    def apply(self, img, params):
+        i, j, h, w, flip = (int(v) for v in params)
+        img = TF.resized_crop(img, i, j, h, w, [self.size, self.size], self.crop.interpolation, antialias=True)
+        return self.finish(TF.hflip(img) if flip else img)
+
+
+class SVDView(ReplayableView):
+    """``svd_augment``: crop [i, j, h, w]; colour jitter applied, its order (4) and factors (4); grayscale; blur and
+    its radius; solarize; flip."""
+
+    n_params = 18
+
+    def __init__(self, crop_size: int = 224, blur_p: float = 0.5, solarize_p: float = 0.0) -> None:
+        self.size = int(crop_size)
+        self.crop = T.RandomResizedCrop(self.size, scale=(0.4, 1.0))
+        self.jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
+        self.blur_p, self.solarize_p = blur_p, solarize_p
+        self.finish = T.Compose([T.ToTensor(), imagenet_normalize()])
+
+    def sample(self, img) -> list[float]:
+        i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        jitter = not 0.8 < torch.rand(1)  # RandomApply's test
+        order, b, c, s, hue = self.jitter.get_params(self.jitter.brightness, self.jitter.contrast,
+                                                     self.jitter.saturation, self.jitter.hue) if jitter else \
+            (torch.arange(4), 1.0, 1.0, 1.0, 0.0)
+        gray = bool(torch.rand(1) < 0.2)
+        blur = not self.blur_p < torch.rand(1)
+        sigma = random.uniform(0.1, 2.0) if blur else 0.0
+        solarize = self.solarize_p > 0 and not self.solarize_p < torch.rand(1)
+        flip = bool(torch.rand(1) < 0.5)
+        return [i, j, h, w, float(jitter), *map(float, order.tolist()), b, c, s, hue, float(gray), float(blur),
+                sigma, float(solarize), float(flip)]
+
+    def apply(self, img, params):
+        i, j, h, w = (int(v) for v in params[:4])
+        jitter, order, (b, c, s, hue) = params[4], [int(v) for v in params[5:9]], params[9:13]
+        gray, blur, sigma, solarize, flip = params[13:18]
+        img = TF.resized_crop(img, i, j, h, w, [self.size, self.size], self.crop.interpolation, antialias=True)
+        if jitter:
+            for fn in order:
+                img = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue][fn](
+                    img, [b, c, s, hue][fn])
+        if gray:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if blur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        if solarize:
+            img = ImageOps.solarize(img)
+        return self.finish(TF.hflip(img) if flip else img)
+
+
+def svd_distill_views(crop_size: int = 224) -> tuple[SVDView, SVDView]:
+    """The two distillation views' distributions (``svd_distill_transform``)."""
+    return SVDView(crop_size, blur_p=1.0), SVDView(crop_size, blur_p=0.1, solarize_p=0.2)

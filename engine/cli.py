@@ -13,6 +13,7 @@ from pathlib import Path
 from datasets.sampler import MIN_BATCH
 from datasets.svd.meta import SVDMeta
 from engine.pca import output_path
+from engine.teacher_cache import add_cache_args
 from models.embedder import EmbedderConfigError, check_model_flags
 from models.loss import STRATEGIES
 from models.pca_layer import load_pca_layer, pca_weight_path
@@ -106,6 +107,9 @@ def add_launch_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -
     group = parser.add_argument_group("launch")
     group.add_argument("--world_size", type=positive_int, default=None,
                        help="total number of processes (default: taken from torchrun, else one per visible GPU)")
+    group.add_argument("--nproc_per_node", type=positive_int, default=None,
+                       help="processes this node starts (default: one per visible GPU, or 1 on the CPU; on the CPU "
+                            "more runs several gloo processes, e.g. under srun with one task per node)")
     group.add_argument("--rank", type=nonnegative_int, default=0, help="node rank, for a manual multi-node launch")
     group.add_argument("--dist_url", type=rendezvous_url, default=dist_url,
                        help="rendezvous URL of a manual multi-node launch, e.g. tcp://HOST:PORT of node 0 (env://: "
@@ -161,6 +165,7 @@ def add_distill_args(parser: argparse.ArgumentParser, *, arch_default: str, lr_d
                           help="also write checkpoint_{epoch}.pt every N epochs")
     training.add_argument("--log_every", type=nonnegative_int, default=0,
                           help="iterations between log and metrics lines (0: 16 per epoch, as the paper)")
+    add_cache_args(training)
     add_launch_args(parser)
     return data, training
 

@@ -16,7 +16,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.sampler import SeededBatches, SeededItems
+from datasets.transforms import ReplayableView
 from engine.cli import check_weight_files
 from engine.resume import adjust_to_flags, check_run_dir, newest_checkpoint, prepare_run_dir, read_training_checkpoint
+from engine.teacher_cache import CachedItems, TeacherCache
 from models.distill_model import DistillationLoss, DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
 from models.students import CHECKPOINT_PREFIX, build_student, student_checkpoint_state
 from utils.checkpoint import CheckpointError, load_state_strict, save_atomic
 from utils.config import to_plain
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
-from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, progress, setup_logging
+from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
+from utils.log import progress as progress_bar
+from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_stop_signals
 from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, snapshot_name
 from utils.runtime import autocast, check_amp, rng_state, seed_everything, set_rng_state
 
@@ -47,6 +52,11 @@ class TrainData:
     batch_sampler: Any
     collate_fn: Callable | None = None
     fingerprint: str = ""
+    # for --teacher_cache: the loader of an untransformed item (indexed as ``dataset``), the items' view
+    # distributions, and the collate function of cached items
+    load_item: Callable[[int], Any] | None = None
+    views: list[ReplayableView] | None = None
+    cached_collate: Callable | None = None
 
 
 def preflight(args: argparse.Namespace, pca_script: str) -> None:
@@ -56,18 +66,23 @@ def preflight(args: argparse.Namespace, pca_script: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-def build_model(args: argparse.Namespace, ctx: DistContext
+def build_teachers(args: argparse.Namespace) -> WhitenedTeachers:
+    return WhitenedTeachers(args.teachers, args.path_to_pretrained_weights, gem_p=args.p, embed_dim=args.embed_dim,
+                            trust=args.trust_checkpoint)
+
+
+def build_model(args: argparse.Namespace, ctx: DistContext, with_teachers: bool = True
                 ) -> tuple[nn.Module, nn.Module, DistillationLoss]:
-    """(module to call, bare student, criterion with the frozen teachers), on ``ctx.device``."""
+    """(module to call, bare student, criterion with the frozen teachers), on ``ctx.device``; training from a
+    teacher cache builds no teacher."""
     try:
         student = build_student(args.arch, embed_dim=args.embed_dim, gem_p=args.p,
                                 pretrained=args.student_init == "imagenet")
     except (OSError, RuntimeError) as exc:  # offline ImageNet weights
         hint = "" if "--student_init" in str(exc) else " To train without ImageNet weights pass --student_init random."
         raise SystemExit(f"{exc}{hint}") from exc
-    teachers = WhitenedTeachers(args.teachers, args.path_to_pretrained_weights, gem_p=args.p,
-                                embed_dim=args.embed_dim, trust=args.trust_checkpoint)
     loss = MultiTeacherDistillLoss(st=args.st, tt=args.tt, strategy=args.strategy, teachers=args.teachers)
+    teachers = build_teachers(args) if with_teachers else None
     criterion = DistillationLoss(teachers, loss, student_dim=args.embed_dim).to(ctx.device)
     model, student = wrap_distributed(DistillModel(student), ctx)
     return model, student, criterion
@@ -88,27 +103,28 @@ def wrap_distributed(model: DistillModel, ctx: DistContext) -> tuple[nn.Module, 
     return model, student
 
 
-def make_loader(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> tuple[DataLoader, torch.Generator]:
-    """The generator is re-seeded every epoch from (seed, epoch, rank): worker seeds, hence augmentations, are
-    reproducible across a resume."""
-    generator = torch.Generator()
-    loader = DataLoader(data.dataset, batch_sampler=data.batch_sampler, num_workers=args.num_workers,
-                        collate_fn=data.collate_fn, pin_memory=ctx.device.type == "cuda", generator=generator)
-    return loader, generator
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**63)
+def make_loader(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> tuple[DataLoader, SeededBatches]:
+    """Every item is loaded with its own seed (``SeededBatches``): the augmentations do not depend on the number of
+    workers and a run resumed in the middle of an epoch sees exactly the rest of it. Workers leave SIGTERM/SIGUSR1
+    to the training process, which saves before it stops."""
+    batches = SeededBatches(data.batch_sampler, args.seed)
+    # The loader draws a base seed per epoch; from its own generator, not the global one, so that the random
+    # fusion strategies' stream does not depend on where a run was resumed.
+    loader = DataLoader(SeededItems(data.dataset), batch_sampler=batches, num_workers=args.num_workers,
+                        collate_fn=data.collate_fn, pin_memory=ctx.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+    return loader, batches
 
 
 def distill_step(model: nn.Module, criterion: DistillationLoss, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, x1: torch.Tensor, x2: torch.Tensor, amp: str,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+                 ) -> torch.Tensor:
     """One optimisation step on a batch of pairs (forwards under ``--amp``, the loss in float32); the detached
-    loss."""
+    loss. ``cached``: the teachers' embeddings of both views, from a teacher cache."""
     with autocast(amp, device):
         s1, s2 = model(x1, x2)
-        loss = sum(criterion(x1, x2, s1.float(), s2.float()).values())
+        loss = sum(criterion(x1, x2, s1.float(), s2.float(), cached).values())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -117,6 +133,16 @@ def distill_step(model: nn.Module, criterion: DistillationLoss, optimizer: torch
 
 
 # --------------------------------------------------------------------------------------------------- the trainer
+@dataclass
+class EpochProgress:
+    """What a checkpoint written in the middle of an epoch keeps of it: where the epoch stopped, the epoch's loss
+    so far and the win counts at its start (the epoch's metrics record continues from them)."""
+
+    iteration: int = 0
+    loss_sum: float = 0.0
+    wins_at_start: list[int] | None = None
+
+
 @dataclass
 class Trainer:
     """Everything a checkpoint holds, with the step and epoch loops."""
@@ -128,25 +154,32 @@ class Trainer:
     criterion: DistillationLoss
     data: TrainData
     loader: DataLoader
-    generator: torch.Generator
+    batches: SeededBatches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     metrics: MetricsWriter
     iteration: int = 0
+    stop: StopRequest | None = None
 
     @property
     def pos_win_count(self) -> torch.Tensor:
         return self.criterion.loss.pos_win_count
 
-    def checkpoint(self, epoch: int) -> dict[str, Any] | None:
-        """The paper's five entries + resume extras; gathered from every rank, returned on rank 0 only."""
-        samplers = gather_objects(self.data.batch_sampler.state_dict(), self.ctx)
+    def checkpoint(self, epoch: int, progress: EpochProgress | None = None) -> dict[str, Any] | None:
+        """The paper's five entries + resume extras; gathered from every rank, returned on rank 0 only.
+
+        At the end of epoch ``epoch`` (0-based) it says ``epoch + 1`` epochs are complete. In the middle of it, it says
+        ``epoch`` epochs are complete and ``epoch_iteration`` iterations of the next, and keeps the samplers' states
+        of that epoch's start (a resumed run draws the epoch again and skips what was done)."""
+        mid_epoch = progress is not None and progress.iteration > 0
+        sampler = self.batches.epoch_start_state if mid_epoch else self.batches.state_dict()
+        samplers = gather_objects(sampler, self.ctx)
         rngs = gather_objects(rng_state(self.ctx.device), self.ctx)
         if not self.ctx.is_main:
             return None
         return {
-            "epoch": epoch + 1,
+            "epoch": epoch if mid_epoch else epoch + 1,
             "state_dict": {k: v.detach().cpu() for k, v in student_checkpoint_state(self.student).items()},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
@@ -155,25 +188,28 @@ class Trainer:
             "rng": rngs,
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
+            "epoch_iteration": progress.iteration if mid_epoch else 0,
+            "epoch_progress": to_plain(vars(progress)) if mid_epoch else None,
             "iters_per_epoch": len(self.loader),
             "world_size": self.ctx.world_size,
             "data_fingerprint": self.data.fingerprint,
             "args": to_plain(self.args),
         }
 
-    def save(self, epoch: int) -> None:
-        """The snapshot first, then checkpoint_last.pt: a kill between the two leaves the newest state in the
-        snapshot, which ``-r auto`` picks."""
-        ckpt = self.checkpoint(epoch)
+    def save(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """At an epoch's end the snapshot first, then checkpoint_last.pt: a kill between the two leaves the newest
+        state in the snapshot, which ``-r auto`` picks. In the middle of an epoch, checkpoint_last.pt only."""
+        ckpt = self.checkpoint(epoch, progress)
         if ckpt is not None:
             ckpt_dir = Path(self.args.ckpt_dir)
-            if (epoch + 1) % self.args.snapshot_step == 0:
+            if ckpt["epoch_iteration"] == 0 and (epoch + 1) % self.args.snapshot_step == 0:
                 save_atomic(ckpt, ckpt_dir / snapshot_name(epoch + 1))
             save_atomic(ckpt, ckpt_dir / LAST_CHECKPOINT)
         barrier()
 
-    def resume(self, ckpt: dict[str, Any], path: Path) -> int:
-        """Restore everything from ``ckpt`` (read from ``path``); returns the epoch (0-based) to start from."""
+    def resume(self, ckpt: dict[str, Any], path: Path) -> tuple[int, EpochProgress]:
+        """Restore everything from ``ckpt`` (read from ``path``); returns the epoch (0-based) to start from and where
+        in it (``EpochProgress.iteration`` > 0 for a checkpoint written in the middle of an epoch)."""
         logger = get_logger()
         state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in ckpt["state_dict"].items()
                  if k.startswith(CHECKPOINT_PREFIX)}
@@ -188,41 +224,66 @@ class Trainer:
                                   f"({exc}); it belongs to another -a/-ts") from None
         saved = ckpt.get("args") or {}
         epoch = int(ckpt["epoch"])
+        progress = EpochProgress(**ckpt["epoch_progress"]) if ckpt.get("epoch_iteration") else EpochProgress()
+        if progress.iteration:
+            same = (ckpt.get("world_size") == self.ctx.world_size and saved.get("batch_size") == self.args.batch_size
+                    and ckpt.get("data_fingerprint") == self.data.fingerprint)
+            if not same:
+                raise CheckpointError(f"-r/--resume {path} was written in the middle of epoch {epoch + 1}: it resumes "
+                                      "with the same -b, number of processes and training list only (resume from an "
+                                      "epoch-end snapshot to change them)")
         if ckpt.get("scaler") and saved.get("amp", self.args.amp) == self.args.amp:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt.get("iteration", 0))
         if ckpt.get("world_size") == self.ctx.world_size and "sampler" in ckpt and "rng" in ckpt:
-            self.data.batch_sampler.load_state_dict(ckpt["sampler"][self.ctx.rank])
+            self.batches.load_state_dict(ckpt["sampler"][self.ctx.rank])
             set_rng_state(ckpt["rng"][self.ctx.rank], self.ctx.device)
         notes = adjust_to_flags(self.args, ckpt, self.optimizer, self.scheduler, len(self.loader),
                                 self.ctx.world_size, self.data.fingerprint)
         for note in notes:
             logger.warning("resume: %s", note)
-        logger.info("resumed from %s at epoch %d (iteration %d)", path, epoch, self.iteration)
+        where = f", iteration {progress.iteration} of epoch {epoch + 1}" if progress.iteration else ""
+        logger.info("resumed from %s at epoch %d%s (iteration %d)", path, epoch, where, self.iteration)
         self.metrics.write({"type": "resume", "epoch": epoch, "iteration": self.iteration, "checkpoint": str(path)})
-        if self.ctx.is_main and epoch % self.args.snapshot_step == 0:
+        if self.ctx.is_main and not progress.iteration and epoch % self.args.snapshot_step == 0:
             snapshot = Path(self.args.ckpt_dir) / snapshot_name(epoch)
             if not snapshot.exists():  # killed before it was written (older runs wrote it after checkpoint_last)
                 save_atomic(ckpt, snapshot)
                 logger.info("wrote the missing snapshot %s", snapshot)
-        return epoch
+        return epoch, progress
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        args, ctx = self.args, self.ctx
+    def train_epoch(self, epoch: int, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """One epoch, from ``progress.iteration`` (a resumed epoch); stops after any iteration at which a stop was
+        requested, having saved checkpoint_last.pt (``Stopped``)."""
+        progress = progress or EpochProgress()
         self.model.train()
-        self.data.batch_sampler.set_epoch(epoch)
-        self.generator.manual_seed(epoch_seed(args.seed, epoch, ctx.rank))
+        self.batches.set_epoch(epoch, skip=progress.iteration)
         n_iters = len(self.loader)
+        batches = iter(self.loader)
+        try:
+            return self._run_epoch(epoch, progress, batches, n_iters)
+        finally:
+            # A stop, an error or Ctrl-C in the middle of the epoch leaves the workers waiting for work; they ignore
+            # SIGTERM (the training process handles it), so they must be told to finish, or the exit waits for them.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _run_epoch(self, epoch: int, progress: EpochProgress, batches: Any, n_iters: int) -> dict[str, Any]:
+        args, ctx = self.args, self.ctx
         log_every = args.log_every if args.log_every > 0 else max(1, n_iters // 16)
         epoch_meter, window_meter = Throughput(), Throughput()
-        epoch_loss, window_loss, window_n = 0.0, 0.0, 0
-        epoch_wins = self.pos_win_count.clone()
-        window_wins = epoch_wins.clone()
-        bar = progress(self.loader, enabled=ctx.is_main and not args.no_progress, total=n_iters,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", unit="it")
-        for it, (x1, x2) in enumerate(bar):
+        window_loss, window_n = 0.0, 0
+        if progress.wins_at_start is None:
+            progress.wins_at_start = self.pos_win_count.tolist()
+        window_wins = self.pos_win_count.clone()
+        bar = progress_bar(batches, enabled=ctx.is_main and not args.no_progress,
+                           total=n_iters - progress.iteration, desc=f"epoch {epoch + 1}/{args.epochs}", unit="it")
+        for it, (x1, x2, *cached) in enumerate(bar, start=progress.iteration):
             lr = self.scheduler.get_last_lr()[0]
-            loss = self.step(x1.to(ctx.device, non_blocking=True), x2.to(ctx.device, non_blocking=True))
+            to = lambda t: t.to(ctx.device, non_blocking=True)  # noqa: E731
+            loss = self.step(to(x1), to(x2), ([to(t) for t in cached[0]], [to(t) for t in cached[1]])
+                             if cached else None)
             value = float(loss) / ctx.world_size  # the loss is scaled by the world size for DDP's averaging
             if not math.isfinite(value):
                 raise SystemExit(f"the loss became {value} at epoch {epoch + 1}, iteration {it + 1}: training "
@@ -231,7 +292,8 @@ class Trainer:
             n_images = 2 * x1.shape[0] * ctx.world_size
             epoch_meter.update(n_images)
             window_meter.update(n_images)
-            epoch_loss += value
+            progress.loss_sum += value
+            progress.iteration = it + 1
             window_loss += value
             window_n += 1
             if hasattr(bar, "set_postfix"):
@@ -246,13 +308,18 @@ class Trainer:
                 window_loss, window_n = 0.0, 0
                 window_wins = self.pos_win_count.clone()
                 window_meter.reset()
-        return {"type": "epoch", "epoch": epoch + 1, "iteration": self.iteration, "loss": epoch_loss / n_iters,
-                "lr": self.scheduler.get_last_lr()[0], "images_per_s": epoch_meter.rate,
-                "pos_win_share": self.pos_win_shares_since(epoch_wins)}
+            if it + 1 < n_iters and self.stop is not None and self.stop.agreed(ctx):
+                self.save(epoch, progress)
+                raise Stopped(epoch, it + 1)
+        return {"type": "epoch", "epoch": epoch + 1, "iteration": self.iteration,
+                "loss": progress.loss_sum / n_iters, "lr": self.scheduler.get_last_lr()[0],
+                "images_per_s": epoch_meter.rate,
+                "pos_win_share": self.pos_win_shares_since(torch.tensor(progress.wins_at_start))}
 
-    def step(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def step(self, x1: torch.Tensor, x2: torch.Tensor,
+             cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
         loss = distill_step(self.model, self.criterion, self.optimizer, self.scaler, x1, x2, self.args.amp,
-                            self.ctx.device)
+                            self.ctx.device, cached)
         self.scheduler.step()
         self.iteration += 1
         return loss
@@ -267,6 +334,35 @@ class Trainer:
         return {name: c / total for name, c in zip(self.criterion.loss.teachers, delta)}
 
 
+def from_teacher_cache(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> TrainData:
+    """The training items read from the teacher cache, which the first run that names it builds (with the
+    teachers, which are then dropped)."""
+    if data.load_item is None or not data.views or data.cached_collate is None:
+        raise SystemExit("--teacher_cache: this script's training data does not support a teacher cache")
+    n_items = len(data.dataset)
+    cache = TeacherCache(args, n_items, data.fingerprint, data.load_item, data.views)
+    if not broadcast_object(cache.complete if ctx.is_main else None):  # one decision for all ranks
+        get_logger().info("teacher cache %s: building %d view(s) of %d items", args.teacher_cache,
+                          args.teacher_views, n_items)
+        state = rng_state(ctx.device)  # the build leaves the RNGs as it found them: the student starts the same
+        teachers = build_teachers(args).to(ctx.device)
+        cache.build(teachers, ctx)
+        del teachers
+        set_rng_state(state, ctx.device)
+    else:
+        get_logger().info("teacher cache %s: reading %d view(s) of %d items (no teacher runs)", args.teacher_cache,
+                          args.teacher_views, n_items)
+    return replace(data, dataset=CachedItems(cache), collate_fn=data.cached_collate)
+
+
+class Stopped(Exception):
+    """Training stopped on request (SIGTERM/SIGUSR1) after saving checkpoint_last.pt."""
+
+    def __init__(self, epoch: int, iteration: int) -> None:
+        super().__init__(f"epoch {epoch + 1}, iteration {iteration}")
+        self.epoch, self.iteration = epoch, iteration
+
+
 def tail_note(sampler: Any) -> str:
     """Says when the sampler's last batch holds one pair more (a single leftover pair joins it)."""
     bounds = sampler.batch_bounds() if hasattr(sampler, "batch_bounds") else []
@@ -277,14 +373,18 @@ def tail_note(sampler: Any) -> str:
 
 def run_distillation(args: argparse.Namespace, ctx: DistContext,
                      build_data: Callable[[argparse.Namespace, DistContext], TrainData]) -> Trainer:
-    """Train on every rank (called from the script's ``main_worker``); returns the trainer (tests inspect it)."""
+    """Train on every rank (called from the script's ``main_worker``); returns the trainer (tests inspect it).
+
+    SIGTERM/SIGUSR1 stop every rank after the same iteration: checkpoint_last.pt is written (in the middle of the
+    epoch), a handler installed before (submitit's requeue) runs, and the processes exit with ``EXIT_PREEMPTED``;
+    ``-r auto`` resumes at the next iteration."""
     ckpt_dir = Path(args.ckpt_dir)
     resume_from = broadcast_object(newest_checkpoint(args) if ctx.is_main else None)  # rank 0 decides for all
     ckpt = read_training_checkpoint(resume_from, args.trust_checkpoint) if resume_from is not None else None
     notes = prepare_run_dir(args, ckpt, resume_from) if ctx.is_main else []
     barrier()
     logger = setup_logging(ctx.is_main, ckpt_dir / LOG_FILE)
-    log_run_header(logger, args)
+    log_run_header(logger, args, ctx.launch)
     for note in notes:
         logger.info(note)
     if args.resume == "auto" and resume_from is None:
@@ -292,9 +392,12 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     logger.info("world size %d, device %s", ctx.world_size, ctx.device)
     seed_everything(args.seed)  # identical initialisation on every rank
     data = build_data(args, ctx)
-    loader, generator = make_loader(data, args, ctx)
     check_amp(args.amp, ctx.device)
-    model, student, criterion = build_model(args, ctx)
+    cache = getattr(args, "teacher_cache", None)
+    if cache:
+        data = from_teacher_cache(data, args, ctx)
+    loader, batches = make_loader(data, args, ctx)
+    model, student, criterion = build_model(args, ctx, with_teachers=not cache)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     logger.info("student %s: %d trainable parameters; teachers %s", args.arch, n_train, args.teachers)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -303,18 +406,30 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
                 args.batch_size * ctx.world_size, ctx.world_size, tail_note(data.batch_sampler))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * n_iters, eta_min=1e-6)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
-    trainer = Trainer(args, ctx, model, student, criterion, data, loader, generator, optimizer, scheduler, scaler,
+    trainer = Trainer(args, ctx, model, student, criterion, data, loader, batches, optimizer, scheduler, scaler,
                       MetricsWriter(ckpt_dir / METRICS_FILE if ctx.is_main else None))
-    seed_everything(args.seed + ctx.rank)  # per-rank stream for in-process augmentation and random strategies
-    start_epoch = args.start_epoch
+    seed_everything(args.seed + ctx.rank)  # per-rank stream for the random fusion strategies
+    start_epoch, progress = args.start_epoch, EpochProgress()
     if ckpt is not None:
-        start_epoch = trainer.resume(ckpt, resume_from)
-    for epoch in range(start_epoch, args.epochs):
-        start = time.perf_counter()
-        record = trainer.train_epoch(epoch)
-        record["seconds"] = time.perf_counter() - start
-        trainer.save(epoch)
-        trainer.metrics.write(record)
-        logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, args.epochs,
-                    record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
+        start_epoch, progress = trainer.resume(ckpt, resume_from)
+    with StopRequest() as stop:
+        trainer.stop = stop
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                start = time.perf_counter()
+                record = trainer.train_epoch(epoch, progress if epoch == start_epoch else None)
+                record["seconds"] = time.perf_counter() - start
+                trainer.save(epoch)
+                trainer.metrics.write(record)
+                logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, args.epochs,
+                            record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
+                if epoch + 1 < args.epochs and stop.agreed(ctx):
+                    raise Stopped(epoch + 1, 0)
+        except Stopped as where:
+            logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",
+                           stop.received, where, ckpt_dir / LAST_CHECKPOINT)
+            requeue = stop.previous_handler()
+            if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
+                requeue(stop.received, None)
+            raise SystemExit(EXIT_PREEMPTED) from None
     return trainer

@@ -38,12 +38,13 @@ from utils.run_dir import (
 # - RESUME_NO_EFFECT do not change the result (where things are, logging, launch).
 # The teacher and PCA files' bytes (``weight_sha256``, recorded at the start of every run) must match too.
 RESUME_MUST_MATCH = frozenset({"arch", "teachers", "embed_dim", "p", "strategy", "st", "tt", "seed", "imsize",
-                               "crop_size"})
-RESUME_ADJUSTS = frozenset({"epochs", "lr", "weight_decay", "batch_size", "amp", "gld_root_path", "dataset_meta"})
+                               "crop_size", "teacher_views", "teacher_cache_dtype"})
+RESUME_ADJUSTS = frozenset({"epochs", "lr", "weight_decay", "batch_size", "amp", "gld_root_path", "gld_csv",
+                            "dataset_meta", "teacher_cache"})
 RESUME_NO_EFFECT = frozenset({"ckpt_dir", "resume", "overwrite", "num_workers", "path_to_pretrained_weights",
                               "snapshot_step", "log_every", "no_progress", "trust_checkpoint", "device", "dist_url",
-                              "rank", "world_size", "start_epoch", "student_init", "warmup_epochs", "t",
-                              "weight_sha256"})
+                              "nproc_per_node", "rank", "world_size", "start_epoch", "student_init", "warmup_epochs",
+                              "t", "weight_sha256"})
 TRAINING_STATE = ("epoch", "state_dict", "optimizer", "lr_scheduler", "loss_fn")
 
 
@@ -186,7 +187,7 @@ def adjust_to_flags(args: argparse.Namespace, ckpt: dict[str, Any], optimizer: t
     if saved.get("amp", args.amp) != args.amp:
         notes.append(f"--amp {saved['amp']} -> {args.amp}"
                      + (" (the fp16 loss scale starts afresh)" if args.amp == "fp16" else ""))
-    for key in ("gld_root_path", "dataset_meta"):
+    for key in ("gld_root_path", "gld_csv", "dataset_meta", "teacher_cache"):
         if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
             notes.append(f"--{key} {saved[key]} -> {getattr(args, key)}")
     return notes

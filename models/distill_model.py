@@ -102,20 +102,27 @@ class DistillModel(nn.Module):
 
 class DistillationLoss(nn.Module):
     """The criterion that owns the frozen teachers (DeiT's ``DistillationLoss``): ``forward(x1, x2, s1, s2)``
-    embeds both views with the whitened teachers, without gradient, and returns ``loss``'s named terms."""
+    embeds both views with the whitened teachers, without gradient, and returns ``loss``'s named terms. Without
+    teachers (training from a teacher cache), ``forward`` takes their embeddings instead (``cached``)."""
 
-    def __init__(self, teachers: WhitenedTeachers, loss: MultiTeacherDistillLoss, student_dim: int | None = None
-                 ) -> None:
+    def __init__(self, teachers: WhitenedTeachers | None, loss: MultiTeacherDistillLoss,
+                 student_dim: int | None = None) -> None:
         super().__init__()
-        wrong = [f"{n}: {d}-d" for n, d in zip(teachers.names, teachers.embed_dims) if d != student_dim]
-        if student_dim is not None and wrong:  # the similarity matrices would not tell: they are N x N for any D
-            raise ValueError(f"the student embeds into {student_dim} dimensions but the whitened teachers into "
-                             f"{', '.join(wrong)}; --embed_dim must be the PCA-whitening's output size")
+        if teachers is not None:
+            wrong = [f"{n}: {d}-d" for n, d in zip(teachers.names, teachers.embed_dims) if d != student_dim]
+            if student_dim is not None and wrong:  # the similarity matrices would not tell: N x N for any D
+                raise ValueError(f"the student embeds into {student_dim} dimensions but the whitened teachers into "
+                                 f"{', '.join(wrong)}; --embed_dim must be the PCA-whitening's output size")
         self.teachers = teachers
         self.loss = loss
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            t1, t2 = self.teachers(x1), self.teachers(x2)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+                cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        if cached is not None:
+            t1, t2 = cached
+        elif self.teachers is None:
+            raise ValueError("DistillationLoss without teachers needs their cached embeddings")
+        else:
+            with torch.no_grad():
+                t1, t2 = self.teachers(x1), self.teachers(x2)
         return self.loss(s1, s2, t1, t2)

@@ -200,9 +200,8 @@ def make_trainer(weights, loader=None, **overrides) -> Trainer:
     seed_everything(0)
     model, student, criterion = build_model(args, DistContext())
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
-    sampler = argparse.Namespace(set_epoch=lambda epoch: None)
-    return Trainer(args, DistContext(), model, student, criterion, argparse.Namespace(batch_sampler=sampler),
-                   loader, torch.Generator(), optimizer,
+    batches = argparse.Namespace(set_epoch=lambda epoch, skip=0: None)
+    return Trainer(args, DistContext(), model, student, criterion, argparse.Namespace(), loader, batches, optimizer,
                    torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, 1e-6),
                    torch.amp.GradScaler("cpu", enabled=False), MetricsWriter(None))
 

@@ -1,5 +1,9 @@
-"""The layers of the code map (README): every import, including those inside functions, goes downwards; and the
-restructuring kept every script flag's name, default and behaviour (the snapshot in tests/data/script_flags.json)."""
+"""The layers of the code map (README): every import, including those inside functions, goes downwards; and every
+script flag keeps its name, default and kind (the snapshot in tests/data/script_flags.json, taken before the engine/
+restructuring; since then it changed only where an issue changed flags: -d and --sim_fn take several values and the
+evaluation scripts gained --feature_cache, --cache_dtype and --refresh_cache; every script gained --nproc_per_node;
+the training scripts --teacher_cache, --teacher_views and --teacher_cache_dtype; gld_distill.py --gld_csv and
+gld_pca_learn.py --gld_ids)."""
 import argparse
 import ast
 import importlib

@@ -33,3 +33,22 @@ def test_tables_rendered_from_existing_results(tmp_path, capsys):
     assert "| ro_re_to_r18_ep3k | 61.23 | 40.50 | 77.00 | 55.56 |" in text
     assert "| mc_bt_to_r18_ep3k | 0.8123 | 0.7000 |" in text
     assert "| resnet101_gem | - | - | - | - |" in text  # missing results stay visible as "-"
+
+
+def test_with_the_feature_store_each_model_runs_once_for_both_datasets_and_every_sim_fn(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths mean the same in the evaluations, which run in the repository
+    paper_tables.main(["--dry_run", "--plus1m", "--feature_cache", "fc", "--data_path", "D", "--weights", "W",
+                       "--checkpoints", "ck", "--sim_fn", "cf", "fme", "smx"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    image = [line for line in lines if "oxford_paris_eval.py" in line]
+    video = [line for line in lines if "svd_eval.py" in line]
+    assert len(image) == 5 + 3 and len(video) == 2 + 2  # one run per model, not one per dataset
+    for line in image:
+        assert "-d roxford5k rparis6k" in line and "--plus1m" in line
+    for line in video:
+        assert "--sim_fn cf fme smx" in line
+    for line in image + video:
+        assert f"--feature_cache {tmp_path / 'fc'}" in line
+        assert f"--output_json {tmp_path / 'paper_results'}" in line
+    assert all(f"-dp {tmp_path / 'D'}" in line for line in image)

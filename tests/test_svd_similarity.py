@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from datasets.svd.eval import (
     SIM_FNS,
+    VideoRanking,
     average_precision_at_k,
-    build_rankings,
+    average_precision_from_positions,
     check_topk,
     descriptor_similarity,
     mean_average_precision,
@@ -157,20 +158,59 @@ def test_average_precision_at_k_hand_computed():
             assert math.isclose(average_precision_at_k(labs, k), _naive_ap(labs, k), abs_tol=1e-12)
 
 
+def rank(gt, labeled, lab_sims, unl_sims=None, unlabeled_blocks=1):
+    """VideoRanking fed as the evaluation feeds it: labeled blocks, then unlabeled blocks in any order."""
+    ranking = VideoRanking(["q1", "q2"], gt, labeled, torch.device("cpu"))
+    ranking.add_labeled(lab_sims[:, :2], 0)  # two blocks, to cross a block boundary
+    ranking.add_labeled(lab_sims[:, 2:], 2)
+    ranking.end_labeled()
+    if unl_sims is not None:
+        for block in reversed(unl_sims.tensor_split(unlabeled_blocks, dim=1)):
+            ranking.add_unlabeled(block)
+    return ranking.positions()
+
+
 def test_rankings_use_only_gt_labeled_and_add_unlabeled_as_negatives():
     gt = {"q1": {"a": 1, "c": 0}, "q2": {"b": 1}}
     labeled = ["a", "b", "c"]
     lab_sims = torch.tensor([[0.2, 0.9, 0.5], [0.1, 0.3, 0.8]])
     unl_sims = torch.tensor([[0.4, 0.1], [0.6, 0.2]])
     # subset: q1 sees a (0.2, +), c (0.5, 0) but not b, although b scores best; q2 sees only b
-    sub = build_rankings(["q1", "q2"], gt, labeled, lab_sims)
-    assert [r.tolist() for r in sub] == [[0, 1], [1]]
-    full = build_rankings(["q1", "q2"], gt, labeled, lab_sims, unl_sims)
+    assert [p.tolist() for p in rank(gt, labeled, lab_sims)] == [[1], [0]]
     # q1: c 0.5 (0), u1 0.4 (0), a 0.2 (1), u2 0.1 (0); q2: u1 0.6, b 0.3 (1), u2 0.2
-    assert [r.tolist() for r in full] == [[0, 0, 1, 0], [0, 1, 0]]
+    full = rank(gt, labeled, lab_sims, unl_sims, unlabeled_blocks=2)
+    assert [p.tolist() for p in full] == [[2], [1]]
     res = mean_average_precision(full, [1, 3])
     assert res == pytest.approx({"top-1": 0.0, "top-3": (1 / 3 + 1 / 2) / 2, "top-inf": (1 / 3 + 1 / 2) / 2})
     assert list(res) == ["top-1", "top-3", "top-inf"]
+
+
+def test_streamed_positions_equal_the_paper_sorted_ranking():
+    """Random ground truth, ties included: the positions of the relevant videos and the APs equal those of the
+    paper's construction (participants = gt labeled + all unlabeled, stable sort by score, labeled first)."""
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        nq, nl, nu = 4, 9, int(rng.integers(0, 30))
+        labeled = [f"c{j}" for j in range(nl)]
+        gt = {f"q{q}": {labeled[j]: int(rng.integers(0, 2)) for j in rng.choice(nl, size=int(rng.integers(1, 6)),
+                                                                                 replace=False)} for q in range(nq)}
+        quant = 4 if trial % 2 else 1000  # few distinct values: many ties
+        lab = torch.tensor(rng.integers(0, quant, size=(nq, nl)) / quant, dtype=torch.float32)
+        unl = torch.tensor(rng.integers(0, quant, size=(nq, nu)) / quant, dtype=torch.float32)
+        ranking = VideoRanking(list(gt), gt, labeled, torch.device("cpu"))
+        ranking.add_labeled(lab, 0)
+        ranking.end_labeled()
+        for block in unl.tensor_split(3, dim=1):
+            ranking.add_unlabeled(block)
+        got = ranking.positions()
+        for q, qid in enumerate(gt):
+            cols = sorted(labeled.index(c) for c in gt[qid])
+            scores = np.concatenate([lab[q, cols].double().numpy(), unl[q].double().numpy()])
+            labels = np.concatenate([[gt[qid][labeled[j]] for j in cols], np.zeros(nu, dtype=int)])
+            ranked = labels[np.argsort(-scores, kind="stable")]
+            assert got[q].tolist() == np.flatnonzero(ranked > 0).tolist()
+            for k in (None, 1, 3, 10):
+                assert average_precision_from_positions(got[q], k) == average_precision_at_k(ranked, k)
 
 
 def test_topk_must_be_positive_ints():
@@ -179,4 +219,4 @@ def test_topk_must_be_positive_ints():
         with pytest.raises(ValueError, match="--topk"):
             check_topk(bad)
     with pytest.raises(ValueError, match="--topk"):
-        mean_average_precision([np.array([1])], [0])
+        mean_average_precision([np.array([0])], [0])

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launch: str = "launch: one process"  # how the ranks were started, for the log
 
     @property
     def is_main(self) -> bool:
@@ -104,17 +106,89 @@ def user_message(exc: BaseException) -> str:
     return text
 
 
-def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[type[BaseException], ...]) -> None:
-    use_cuda = _use_cuda(args)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style env launch
-        env_world = int(os.environ["WORLD_SIZE"])
-        if args.world_size is not None and args.world_size != env_world:
-            raise SystemExit(f"--world_size {args.world_size} does not match the {env_world} processes started "
-                             "by the launcher (WORLD_SIZE); drop --world_size or make them agree.")
-        _worker(int(os.environ.get("LOCAL_RANK", 0)), main_worker, args, use_cuda, "env://", 0, env_world,
-                user_errors)
-        return
-    n_local = torch.cuda.device_count() if use_cuda else 1
+@dataclass
+class LaunchPlan:
+    """Who starts which ranks: ``n_local`` processes here (1: this process itself), with global ranks
+    ``rank_offset + i`` of ``world_size``, meeting at ``dist_url``."""
+
+    mode: str
+    n_local: int
+    rank_offset: int
+    world_size: int
+    dist_url: str
+    local_rank: int = 0  # the device index of this process, when it is one rank started by a launcher
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this launch's first process."""
+        return int(os.environ.get("RANK", 0)) if self.mode == "torchrun" else self.rank_offset + self.local_rank
+
+    def describe(self) -> str:
+        where = self.dist_url if self.dist_url != "env://" else (
+            f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
+        ranks = (f"ranks {self.first_rank}-{self.first_rank + self.n_local - 1}" if self.n_local > 1
+                 else f"rank {self.first_rank}")
+        return f"launch: {self.mode}, {ranks} of {self.world_size}, master {where}"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list in its compressed form (``gpu[03-05,9],cpu1`` -> ``gpu03``;
+    ``rack[1-2]-n[3-4]`` -> ``rack1-n3``): the first name, each bracket group replaced by its first value."""
+    host, depth, group = "", 0, ""
+    for char in nodelist:
+        if char == "," and depth == 0:
+            break
+        if char == "[":
+            depth, group = 1, ""
+        elif char == "]":
+            host, depth = host + group.split(",")[0].split("-")[0], 0
+        elif depth:
+            group += char
+        else:
+            host += char
+    return host.strip()
+
+
+def _slurm_rendezvous(env: dict[str, str]) -> str:
+    """tcp://MASTER_ADDR:MASTER_PORT, from the environment or else the first node and a port from the job id."""
+    host = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    if not host:
+        raise SystemExit("SLURM launch: cannot tell the master node (no SLURM_JOB_NODELIST); set MASTER_ADDR.")
+    return f"tcp://{host}:{port}"
+
+
+def plan_launch(args: argparse.Namespace, use_cuda: bool, env: dict[str, str] | None = None) -> LaunchPlan:
+    """torchrun's variables first; then an ``srun`` step (one task per GPU: each task one rank; one task per node:
+    each spawns one process per GPU); then the paper's manual --world_size/--rank/--dist_url; else this node.
+    Never a spawn inside a launcher's rank."""
+    env = dict(os.environ) if env is None else env
+    visible = torch.cuda.device_count() if use_cuda else 0
+    per_node = getattr(args, "nproc_per_node", None)
+    if per_node is not None and use_cuda and per_node > visible:
+        raise SystemExit(f"--nproc_per_node {per_node} needs {per_node} GPUs; {visible} visible")
+    n_local = per_node or (visible if use_cuda else 1)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or any launcher that sets the env:// variables)
+        world = int(env["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != world:
+            raise SystemExit(f"--world_size {args.world_size} does not match the {world} processes started by the "
+                             "launcher (WORLD_SIZE); drop --world_size or make them agree.")
+        return LaunchPlan("torchrun", 1, 0, world, "env://", int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # inside an srun step (not the batch script)
+        tasks, nodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1"))
+        if tasks > nodes:  # one task per GPU (or per CPU process): each task is one rank
+            if args.world_size is not None and args.world_size != tasks:
+                raise SystemExit(f"--world_size {args.world_size} does not match the {tasks} srun tasks")
+            local = int(env.get("SLURM_LOCALID", "0")) if use_cuda and visible > 1 else 0  # the GPU to use
+            return LaunchPlan("slurm, one task per rank", 1, int(env["SLURM_PROCID"]) - local, tasks,
+                              _slurm_rendezvous(env) if tasks > 1 else "env://", local)
+        world = nodes * n_local
+        if args.world_size is not None and args.world_size != world:
+            raise SystemExit(f"--world_size {args.world_size} does not match {nodes} srun task(s) x {n_local} "
+                             "process(es) per node")
+        offset = int(env.get("SLURM_NODEID", env["SLURM_PROCID"])) * n_local
+        return LaunchPlan("slurm, one task per node", n_local, offset, world,
+                          _slurm_rendezvous(env) if world > 1 else "env://")
     world_size = args.world_size if args.world_size is not None else n_local
     if args.world_size is not None and args.rank == 0 and args.world_size < n_local:
         raise SystemExit(f"--world_size {args.world_size} is smaller than the {n_local} processes this node "
@@ -127,20 +201,33 @@ def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[
             raise SystemExit(f"--world_size {world_size} but this node starts {n_local} process(es): "
                              "a manual multi-node launch needs --dist_url tcp://HOST:PORT of node 0 "
                              "(or use torchrun --nnodes ... instead).")
-        dist_url = f"tcp://127.0.0.1:{free_port()}"
+        return LaunchPlan("one node", n_local, 0, world_size, f"tcp://127.0.0.1:{free_port()}")
+    mode = "manual multi-node" if world_size > n_local else "one node" if n_local > 1 else "one process"
+    return LaunchPlan(mode, n_local, args.rank * n_local, world_size, args.dist_url)
+
+
+def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[type[BaseException], ...]) -> None:
+    use_cuda = _use_cuda(args)
+    plan = plan_launch(args, use_cuda)
+    worker_args = (main_worker, args, use_cuda, plan.dist_url, plan.rank_offset, plan.world_size, user_errors,
+                   plan.describe())
+    if plan.n_local == 1:
+        _worker(plan.local_rank, *worker_args)
     else:
-        dist_url = args.dist_url
-    worker_args = (main_worker, args, use_cuda, dist_url, args.rank * n_local, world_size, user_errors)
-    if n_local == 1:
-        _worker(0, *worker_args)
-    else:
-        _spawn(n_local, worker_args)
+        _spawn(plan.n_local, worker_args)
 
 
 def _spawn(nprocs: int, worker_args: tuple) -> None:
     """One process per local GPU; a worker's exit code (a user error, Ctrl-C) becomes this process's, without the
     traceback ``torch.multiprocessing`` adds; a worker's crash (a bug) keeps its traceback."""
     context = torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=worker_args, join=False)
+
+    def forward(signum: int, frame: Any) -> None:  # a cluster's stop request reaches every rank, which saves
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         while not context.join():
             pass
@@ -152,13 +239,18 @@ def _spawn(nprocs: int, worker_args: tuple) -> None:
             if process.is_alive():
                 process.terminate()
         raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
-            rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+            rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = (),
+            launch: str = "") -> None:
     try:
         with _one_line_errors(user_errors):
             ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
+            ctx.launch = launch or ctx.launch
             try:
                 main_worker(args, ctx)
             finally:

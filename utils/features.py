@@ -16,11 +16,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from utils.distributed import DistContext, gather_by_index
 from utils.log import Throughput, progress
-from utils.runtime import autocast
+from utils.runtime import autocast, release_freed_memory
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
 PAPER_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+TRIM_EVERY = 64  # batches between returns of freed heap memory (utils.runtime.release_freed_memory)
 
 
 def distributed_loader(dataset: Dataset, ctx: DistContext, batch_size: int = 1, num_workers: int = 0,
@@ -58,10 +59,12 @@ def embedded_batches(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: 
     float32 on ctx.device, rest)``, under ``--amp``, with a progress bar of ``unit``/s on rank 0."""
     meter = Throughput()
     bar = progress(loader, enabled=show_progress and ctx.is_main, total=len(loader), desc=desc, unit="batch")
-    for images, *rest in bar:
+    for batch, (images, *rest) in enumerate(bar, start=1):
         with autocast(amp, ctx.device):
             out = embed(images.to(ctx.device, non_blocking=True))
         meter.update(images.shape[0])
+        if batch % TRIM_EVERY == 0:
+            release_freed_memory()
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({f"{unit}_s": f"{meter.rate:.1f}"})
         yield out.float(), rest

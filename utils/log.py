@@ -48,9 +48,11 @@ def git_revision() -> str:
         return "unknown"
 
 
-def log_run_header(logger: logging.Logger, args: Any) -> None:
-    """What a reader of the log needs to reproduce the run: git revision and every argument."""
+def log_run_header(logger: logging.Logger, args: Any, launch: str | None = None) -> None:
+    """What a reader of the log needs to reproduce the run: git revision, how it was launched, every argument."""
     logger.info("git revision: %s", git_revision())
+    if launch:
+        logger.info("%s", launch)
     for key, value in sorted(vars(args).items()):
         logger.info("  %s: %s", key, value)
 

@@ -56,8 +56,12 @@ class TrainFrames(Dataset):
         v = bisect.bisect_right(self.offsets, index) - 1
         return self.video_ids[v], index - self.offsets[v]
 
+    def load(self, index: int) -> Any:
+        """The frame itself, untransformed."""
+        return read_frame(self.frame_root, *self.locate(index))
+
     def __getitem__(self, index: int) -> Any:
-        img = read_frame(self.frame_root, *self.locate(index))
+        img = self.load(index)
         return self.transform(img) if self.transform is not None else img
 
 

@@ -13,15 +13,13 @@ if needed, the queries) are processed in chunks, each one matrix product plus ve
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from utils.distributed import DistContext, gather_by_index
-from utils.features import EmbedFn, embedded_batches
+from datasets.ranking import HigherCounter
 
 SIM_FNS = ("fme", "fmx", "sme", "smx", "cf")
 POOLED_SIM_FNS = ("fme", "fmx")
@@ -144,56 +142,24 @@ def video_similarity(qfeats: torch.Tensor, qlens: torch.Tensor, cfeats: torch.Te
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Distributed extraction: each rank embeds its share of the videos (all frames of a batch of videos go through the
-# model together); query descriptors are assembled on every rank, candidates are scored against all queries as
-# they are embedded, so only (Q, C) similarities are ever gathered, never all candidates' frame features.
-
-def _embedded_videos(embed: EmbedFn, loader: DataLoader, ctx: DistContext, sim_fn: str, num_frames: int,
-                     amp: str, show_progress: bool, desc: str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Per batch of this rank: (descriptors, lengths, dataset indices) on ``ctx.device``.
-
-    ``loader`` yields ``(frames of all its videos concatenated, frames per video, dataset indices)``.
-    """
-    for out, (lens, indices) in embedded_batches(embed, loader, ctx, amp, show_progress, desc, unit="frames"):
-        lens = lens.to(ctx.device)
-        yield video_descriptors(pad_frames(out, lens, num_frames), lens, sim_fn), lens, indices.to(ctx.device)
-
-
-@torch.inference_mode()
-def extract_video_descriptors(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, sim_fn: str,
-                              num_frames: int, amp: str = "none", show_progress: bool = True,
-                              desc: str = "queries") -> tuple[torch.Tensor, torch.Tensor]:
-    """(descriptors, lengths) of all ``total`` videos of ``loader.dataset``, identical on every rank."""
-    descs, lens, idxs = zip(*_embedded_videos(embed, loader, ctx, sim_fn, num_frames, amp, show_progress, desc))
-    idx = torch.cat(idxs)
-    return gather_by_index(torch.cat(descs), idx, total), gather_by_index(torch.cat(lens), idx, total)
-
-
-@torch.inference_mode()
-def score_videos(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, qdesc: torch.Tensor,
-                 qlens: torch.Tensor, sim_fn: str, num_frames: int, amp: str = "none", show_progress: bool = True,
-                 desc: str = "candidates", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
-    """(Q, total) similarities of the queries to every video of ``loader.dataset`` (CPU, identical on all ranks)."""
-    cols, idxs = [], []
-    for cdesc, clens, idx in _embedded_videos(embed, loader, ctx, sim_fn, num_frames, amp, show_progress, desc):
-        cols.append(descriptor_similarity(qdesc, qlens, cdesc, clens, sim_fn, max_elements).T.contiguous())
-        idxs.append(idx)
-    return gather_by_index(torch.cat(cols), torch.cat(idxs), total).T.cpu()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Rankings and AP@k (the paper's APScorer)
+# Rankings and AP@k (the paper's APScorer), without the (queries x candidates) matrix
 
 
 def average_precision_at_k(sorted_labels: Sequence[int] | np.ndarray, k: int | None = None) -> float:
     """AP of a ranked label list cut at ``k`` (None = the whole list), normalised by the relevant items that
     lie *within* the top k (the paper's protocol); 0 when there are none."""
     labels = np.asarray(sorted_labels)[:k] > 0
-    n_rel = int(labels.sum())
-    if n_rel == 0:
+    return average_precision_from_positions(np.flatnonzero(labels))
+
+
+def average_precision_from_positions(positions: np.ndarray, k: int | None = None) -> float:
+    """The same AP from the 0-based ranking positions of the relevant items (sorted): what the streamed ranking
+    computes."""
+    positions = np.asarray(positions)
+    ranks = (positions[positions < k] if k is not None else positions) + 1  # 1-based positions within the top k
+    if ranks.size == 0:
         return 0.0
-    ranks = np.flatnonzero(labels) + 1  # 1-based positions of the relevant items
-    return float((np.arange(1, n_rel + 1) / ranks).sum() / n_rel)
+    return float((np.arange(1, ranks.size + 1) / ranks).sum() / ranks.size)
 
 
 def check_topk(topk: Sequence[int]) -> list[int]:
@@ -203,37 +169,82 @@ def check_topk(topk: Sequence[int]) -> list[int]:
     return [int(k) for k in topk]
 
 
-def build_rankings(query_ids: Sequence[str], gt: dict[str, dict[str, int]], labeled_ids: Sequence[str],
-                   labeled_sims: torch.Tensor, unlabeled_sims: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Each query's candidate labels sorted by descending similarity (ties keep candidate order).
+class VideoRanking:
+    """Each query's ranking, as the paper builds it, reduced to the positions of its relevant videos.
 
-    A labeled candidate takes part only if the query's ground truth names it (with its label); every unlabeled
-    video (``unlabeled_sims`` given: the full evaluation) takes part with label 0. Similarities are (Q, L), (Q, U).
+    A query's ranking holds the labeled candidates its ground truth names (with their labels; the other labeled
+    videos are left out) and, for the full evaluation, every unlabeled video as a negative; ties keep candidate
+    order, labeled first. The labeled candidates (a few per query) are ranked exactly; the unlabeled ones are only
+    counted above each relevant video's score (``HigherCounter``), block by block and process by process, so no
+    process holds the (queries x candidates) scores.
     """
-    labeled_sims = labeled_sims.detach().cpu().numpy()
-    unlabeled = None if unlabeled_sims is None else unlabeled_sims.detach().cpu().numpy()
-    column = {cid: j for j, cid in enumerate(labeled_ids)}
-    rankings = []
-    for qi, qid in enumerate(query_ids):
-        truth = gt.get(qid, {})
-        cols = sorted(column[cid] for cid in truth if cid in column)  # candidate order, for stable ties
-        scores = labeled_sims[qi, cols].astype(np.float64)
-        labels = np.array([truth[labeled_ids[j]] for j in cols], dtype=np.int64)
-        if unlabeled is not None:
-            scores = np.concatenate([scores, unlabeled[qi].astype(np.float64)])
-            labels = np.concatenate([labels, np.zeros(unlabeled.shape[1], dtype=np.int64)])
-        order = np.argsort(-scores, kind="stable")
-        rankings.append(labels[order])
-    return rankings
+
+    def __init__(self, query_ids: Sequence[str], gt: dict[str, dict[str, int]], labeled_ids: Sequence[str],
+                 device: torch.device) -> None:
+        column = {cid: j for j, cid in enumerate(labeled_ids)}
+        self.columns = [np.array(sorted(column[c] for c in gt.get(q, {}) if c in column), dtype=np.int64)
+                        for q in query_ids]
+        self.labels = [np.array([gt[q][labeled_ids[j]] for j in cols], dtype=np.int64)
+                       for q, cols in zip(query_ids, self.columns)]
+        pair_q = np.concatenate([np.full(len(c), q) for q, c in enumerate(self.columns)] + [np.zeros(0, np.int64)])
+        pair_c = np.concatenate(self.columns + [np.zeros(0, np.int64)])
+        self.pair_q, self.pair_c = (torch.as_tensor(a, dtype=torch.long, device=device) for a in (pair_q, pair_c))
+        self.pair_scores = torch.zeros(len(pair_q), device=device)
+        self.pair_seen = torch.zeros(len(pair_q), device=device)
+        self.device = device
+        self.unlabeled: HigherCounter | None = None
+
+    def add_labeled(self, block: torch.Tensor, start: int) -> None:
+        """(queries x candidates) similarities of labeled candidates ``start, start + 1, ...``."""
+        sel = (self.pair_c >= start) & (self.pair_c < start + block.shape[1])
+        self.pair_scores[sel] = block[self.pair_q[sel], self.pair_c[sel] - start].float()
+        self.pair_seen[sel] = 1
+
+    def end_labeled(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """All labeled candidates scored (``reduce`` sums over processes): the relevant videos' scores become the
+        thresholds of the unlabeled count."""
+        if reduce is not None:
+            reduce(self.pair_scores)
+            reduce(self.pair_seen)
+        if not bool((self.pair_seen == 1).all()):
+            raise RuntimeError("labeled candidates were scored more or less than once")
+        scores = self.pair_scores.cpu().numpy()
+        bounds = np.cumsum([0] + [len(c) for c in self.columns])
+        self.scores = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        relevant = [s[lab > 0] for s, lab in zip(self.scores, self.labels)]
+        width = max([len(r) for r in relevant] + [1])
+        item_scores = torch.zeros((len(relevant), width), device=self.device)
+        for q, r in enumerate(relevant):
+            item_scores[q, : len(r)] = torch.as_tensor(r, device=self.device)
+        self.unlabeled = HigherCounter(item_scores, [len(r) for r in relevant])
+
+    def add_unlabeled(self, block: torch.Tensor) -> None:
+        """(queries x candidates) similarities of unlabeled candidates (any order, any process)."""
+        self.unlabeled.add(block.float())
+
+    def positions(self, reduce: Callable[[torch.Tensor], None] | None = None) -> list[np.ndarray]:
+        """Per query, the sorted 0-based positions of its relevant videos in its full ranking."""
+        if reduce is not None:
+            reduce(self.unlabeled.counts)
+        higher = self.unlabeled.higher().cpu().numpy()
+        out = []
+        for q, (scores, labels) in enumerate(zip(self.scores, self.labels)):
+            order = np.argsort(-scores.astype(np.float64), kind="stable")  # labeled ties keep candidate order
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            rel = labels > 0
+            out.append(np.sort(rank[rel] + higher[q, : int(rel.sum())]))
+        return out
 
 
-def mean_average_precision(rankings: Sequence[np.ndarray], topk: Sequence[int]) -> dict[str, float]:
-    """{'top-<k>': mAP@k for each k, 'top-inf': mAP over the full lists}, as fractions."""
+def mean_average_precision(positions: Sequence[np.ndarray], topk: Sequence[int]) -> dict[str, float]:
+    """{'top-<k>': mAP@k for each k, 'top-inf': mAP over the full rankings}, as fractions, from each query's
+    relevant positions (``VideoRanking.positions``)."""
     topk = check_topk(topk)
-    if not rankings:
+    if not positions:
         raise ValueError("no queries to evaluate")
-    result = {f"top-{k}": float(np.mean([average_precision_at_k(r, k) for r in rankings])) for k in topk}
-    result["top-inf"] = float(np.mean([average_precision_at_k(r) for r in rankings]))
+    result = {f"top-{k}": float(np.mean([average_precision_from_positions(p, k) for p in positions])) for k in topk}
+    result["top-inf"] = float(np.mean([average_precision_from_positions(p) for p in positions]))
     return result
 
 

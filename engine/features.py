@@ -1,0 +1,201 @@
+"""The descriptors of an evaluation part, shard by shard: embedded once per model and protocol, then read from the
+feature store (``--feature_cache``), with the same shards whether a store is used or not.
+
+A part (queries, database, distractors, SVD videos) is cut into shards of consecutive items. Each process takes its
+share of the shards; shards missing from the store are embedded (and written as soon as they are complete), the
+others are read. No process ever holds a whole part: consumers score a shard and drop it. Scoring by the same
+shards with or without the store makes the results bit-identical (float32 store).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from models.pca_layer import pca_weight_path
+from models.teachers import TEACHER_FILES
+from utils.argtypes import output_dir
+from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
+from utils.feature_store import DTYPES, StoreEntry, items_fingerprint
+from utils.features import EmbedFn, embedded_batches
+from utils.files import sha256_file
+from utils.log import get_logger
+
+IMAGE_SHARD = 4096  # images per shard: ~7 min of R101 extraction at most is redone after a kill
+VIDEO_SHARD = 256  # videos per shard (up to 60 frames each)
+
+
+def add_store_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--feature_cache", default=None, metavar="DIR", type=output_dir,
+                       help="store of extracted descriptors: each part (queries, database, distractors, videos) is "
+                            "embedded once per model file, flags, item list and protocol, then read back (a killed "
+                            "extraction resumes). Image contents are not hashed: after changing images in place "
+                            "pass --refresh_cache")
+    group.add_argument("--cache_dtype", default="float32", choices=list(DTYPES),
+                       help="storage precision: float32 gives results bit-identical to a run without the store; "
+                            "float16 halves the disk (its effect on mAP: benchmarks/README.md)")
+    group.add_argument("--refresh_cache", action="store_true",
+                       help="extract the parts of this run again, replacing their store entries")
+
+
+def model_components(args: argparse.Namespace) -> dict[str, Any]:
+    """What of the model changes the descriptors: its files' bytes (hashed) and flags."""
+    if args.arch is not None:
+        return {"student": args.arch, "checkpoint_sha256": sha256_file(args.resume), "embed_dim": args.embed_dim,
+                "p": args.p}
+    weights = Path(args.path_to_pretrained_weights)
+    model = {"teacher": args.teacher, "file_sha256": sha256_file(weights / TEACHER_FILES[args.teacher]),
+             "pca": args.pca, "p": args.p, "embed_dim": args.embed_dim}
+    if args.pca:
+        model["pca_sha256"] = sha256_file(pca_weight_path(weights, args.teacher, args.embed_dim))
+    return model
+
+
+@dataclass
+class Part:
+    """One part of an evaluation: its items, their names (the store key uses names and order), what else changes
+    its descriptors, and how to batch it."""
+
+    name: str
+    dataset: Dataset
+    names: Sequence[str]
+    protocol: dict[str, Any]
+    videos: bool = False  # several rows per item: batches are (images, rows per item, indices, *extras)
+    batch_size: int = 1
+    collate_fn: Callable | None = None
+    extras: tuple[str, ...] = ()  # arrays with a row per descriptor row, stored beside it
+    shard_size: int | None = None  # items per shard (default: by kind)
+    items_key: str | None = None  # the item list's identity, when the caller has it (default: from ``names``)
+    unit: str | None = None  # of the progress bar's rate (default: img, or frames for videos)
+
+    @property
+    def shard_items(self) -> int:
+        return self.shard_size or (VIDEO_SHARD if self.videos else IMAGE_SHARD)
+
+
+@dataclass
+class Shard:
+    """Consecutive items ``[start, end)`` of a part: their descriptors (rows x D, float32, on the device) and, for
+    videos, the frames of each (rows = their sum)."""
+
+    index: int
+    start: int
+    end: int
+    feats: torch.Tensor
+    lengths: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StoreReport:
+    """Which parts this run extracted and which it read from the store (``tools/paper_tables.py`` sums them)."""
+
+    extracted: list[str] = field(default_factory=list)
+    read: list[str] = field(default_factory=list)
+
+
+class PartExtractor:
+    """Embeds or reads the shards of parts for one model, on every rank. ``model``: the store key's model
+    components (``model_components``; hashing the files is needed only with a store)."""
+
+    def __init__(self, embed: EmbedFn, ctx: DistContext, args: argparse.Namespace, model: dict[str, Any]) -> None:
+        self.embed, self.ctx, self.args, self.model = embed, ctx, args, model
+        self.report = StoreReport()
+
+    def entry(self, part: Part) -> StoreEntry | None:
+        if self.args.feature_cache is None:
+            return None
+        components = {"part": part.name, "model": self.model, "protocol": part.protocol,
+                      "items": part.items_key or items_fingerprint(part.names)}
+        return StoreEntry(self.args.feature_cache, components, len(part.names), part.shard_items,
+                          self.args.cache_dtype, videos=part.videos, extras=part.extras)
+
+    def shards(self, part: Part) -> Iterator[Shard]:
+        """This rank's shards of ``part``, in no particular order; the store entry is complete once all ranks have
+        exhausted the iterator (call it on every rank)."""
+        ctx, logger = self.ctx, get_logger()
+        entry = self.entry(part)
+        if entry is not None and self.args.refresh_cache and ctx.is_main:
+            entry.clear()
+        barrier()
+        complete = entry is not None and entry.complete
+        done = broadcast_object(sorted(entry.done_shards()) if entry is not None and ctx.is_main else None)
+        done = set(done or [])
+        n_shards = -(-len(part.names) // part.shard_items)
+        todo = [s for s in range(n_shards) if s not in done]
+        if ctx.is_main:
+            where = f" (store {entry.folder})" if entry is not None else ""
+            if complete:
+                logger.info("%s: %d items read from the feature store%s", part.name, len(part.names), where)
+            else:
+                logger.info("%s: %d items, %d of %d shards to embed%s", part.name, len(part.names), len(todo),
+                            n_shards, where)
+        (self.report.read if complete else self.report.extracted).append(part.name)
+        dim = None
+        for shard in self._embedded(part, entry, todo[ctx.rank::ctx.world_size]):
+            dim = shard.feats.shape[1]
+            yield shard
+        for s in sorted(done)[ctx.rank::ctx.world_size]:
+            feats, lengths = entry.read_shard(s)
+            start, end = entry.bounds(s)
+            dim = feats.shape[1]
+            yield Shard(s, start, end, torch.from_numpy(feats).to(ctx.device),
+                        None if lengths is None else torch.from_numpy(lengths).to(ctx.device))
+        barrier()
+        if entry is not None and not complete:
+            dims = [d for d in gather_objects(dim, ctx) if d is not None]
+            if ctx.is_main:
+                entry.finish(dims[0])
+
+    def _embedded(self, part: Part, entry: StoreEntry | None, shards: list[int]) -> Iterator[Shard]:
+        """Embed ``shards`` in one loader pass (one set of workers), cutting the stream at shard boundaries."""
+        size = part.shard_items
+        bounds = [(s, s * size, min((s + 1) * size, len(part.names))) for s in shards]
+        indices = [i for _, start, end in bounds for i in range(start, end)]
+        if not indices:
+            return
+        loader = DataLoader(Subset(part.dataset, indices), batch_size=part.batch_size, shuffle=False,
+                            num_workers=self.args.num_workers, collate_fn=part.collate_fn,
+                            pin_memory=self.ctx.device.type == "cuda")
+        pieces: list[list[torch.Tensor]] = []  # per item: its rows, then its extras' rows
+        queue = iter(bounds)
+        current = next(queue)
+        unit = part.unit or ("frames" if part.videos else "img")
+        for out, rest in embedded_batches(self.embed, loader, self.ctx, self.args.amp, not self.args.no_progress,
+                                          part.name, unit=unit):
+            per_item = rest[0].tolist() if part.videos else [1] * out.shape[0]
+            extras = rest[2:] if part.videos else []
+            for item in zip(torch.split(out, per_item), *(torch.split(e, per_item) for e in extras)):
+                pieces.append(list(item))
+                s, start, end = current
+                if len(pieces) == end - start:
+                    yield self._finish_shard(entry, part, s, start, end, pieces)
+                    pieces = []
+                    current = next(queue, None)
+
+    def _finish_shard(self, entry: StoreEntry | None, part: Part, s: int, start: int, end: int,
+                      pieces: list[list[torch.Tensor]]) -> Shard:
+        feats = torch.cat([p[0] for p in pieces])
+        lens = torch.tensor([p[0].shape[0] for p in pieces], dtype=torch.long, device=feats.device) \
+            if part.videos else None
+        extras = {name: torch.cat([p[1 + k] for p in pieces]) for k, name in enumerate(part.extras)}
+        if entry is not None:
+            entry.write_shard(s, feats.cpu().numpy(), None if lens is None else lens.cpu().numpy(),
+                              {name: e.cpu().numpy() for name, e in extras.items()})
+            if entry.dtype != "float32":  # score what the store holds, so a later read gives the same results
+                feats = feats.to(getattr(torch, entry.dtype)).float()
+        return Shard(s, start, end, feats, lens, extras)
+
+    def gather(self, part: Part) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole part on every rank (for the queries, small): (rows x D), frames per video or None."""
+        mine = [(sh.index, sh.feats.cpu(), None if sh.lengths is None else sh.lengths.cpu())
+                for sh in self.shards(part)]
+        shards = sorted((s for rank in gather_objects(mine, self.ctx) for s in rank), key=lambda s: s[0])
+        feats = torch.cat([s[1] for s in shards]).to(self.ctx.device)
+        lengths = torch.cat([s[2] for s in shards]).to(self.ctx.device) if part.videos else None
+        return feats, lengths

@@ -1,0 +1,307 @@
+"""--teacher_cache: replayable views equal the paper's transforms, stored embeddings equal the online teachers' on
+the student's very input, reproducible view choice, a build that is the same on 1 and 2 gloo ranks and resumes
+after a kill, cache keys, and training from the cache that never runs a teacher and resumes exactly."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import CHEAP_TEACHERS, ROOT, run_script, torch_threads, toy_gld, weights_dir
+from PIL import Image
+
+import engine.teacher_cache as tc
+from datasets.gld import GLDPairDataset
+from datasets.sampler import SeededItems
+from datasets.transforms import GLDView, gld_train_transform, svd_augment, svd_distill_views
+from engine.cli import check_weight_files
+from engine.distill import build_teachers
+from utils.checkpoint import load_file
+from utils.distributed import DistContext, free_port, init_distributed
+from utils.files import fingerprint
+from utils.preemption import EXIT_PREEMPTED
+
+VIEWS, SIZE = 2, 32
+# float16 keeps 11 significant bits: an entry of a unit vector (|x| <= 1) is stored within 2^-11 * |x| < 5e-4
+FP16_ATOL = 5e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def random_image(seed, size=(56, 44)):
+    g = np.random.default_rng(seed)
+    return Image.fromarray(g.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def seeded(fn, seed):
+    import random
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return fn()
+
+
+# ------------------------------------------------------------------------------------- replayable views
+@pytest.mark.parametrize("name", ["gld", "svd view 1", "svd view 2"])
+def test_a_replayed_view_is_the_paper_transform_under_the_same_seed(name):
+    """Same RNG draws in the same order, same pixels: the cache samples exactly the training distribution."""
+    view1, view2 = svd_distill_views(SIZE)
+    view, transform = {"gld": (GLDView(SIZE), gld_train_transform(SIZE)),
+                       "svd view 1": (view1, svd_augment(SIZE, blur_p=1.0)),
+                       "svd view 2": (view2, svd_augment(SIZE, blur_p=0.1, solarize_p=0.2))}[name]
+    img = random_image(1)
+    kinds = set()
+    for seed in range(40):  # enough draws to take every branch (jitter, grayscale, blur, solarize, flip)
+        params = seeded(lambda: view.sample(img), seed)
+        assert len(params) == view.n_params
+        kinds.add(tuple(params[4:]) if name == "gld" else (params[4], params[13], params[14], params[16]))
+        torch.testing.assert_close(view.apply(img, params), seeded(lambda: transform(img), seed), rtol=0, atol=0)
+    assert len(kinds) > 1
+
+
+# --------------------------------------------------------------------------------------------- the cache
+def cache_args(cache_dir, weights=None, **overrides):
+    """``weights``: the folder of another process's ``weights_dir()`` (a spawned rank would write its own, whose
+    random PCA bytes depend on the thread count)."""
+    args = argparse.Namespace(teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(weights or weights_dir()),
+                              p=3.0,
+                              embed_dim=512, seed=0, teacher_cache=str(cache_dir), teacher_views=VIEWS,
+                              teacher_cache_dtype="float16", num_workers=0, amp="none", no_progress=True,
+                              trust_checkpoint=False)
+    check_weight_files(args, "gld_pca_learn.py")  # sets weight_sha256, as the preflight does
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def toy_items():
+    return GLDPairDataset(toy_gld(n_landmarks=6, imgs_per_landmark=2, size=40, seed=5, n_singletons=0))
+
+
+def make_cache(args, size=SIZE):
+    data = toy_items()
+    return tc.TeacherCache(args, len(data), fingerprint(data.image_ids), data.load, [GLDView(size)])
+
+
+def small_shards(monkeypatch):
+    """12 items in 3 shards of 4, embedded 2 items (4 views) per batch: several shards, batches inside them."""
+    monkeypatch.setattr(tc, "CACHE_SHARD", 4)
+    monkeypatch.setattr(tc, "VIEWS_PER_BATCH", 4)
+
+
+def whitened(teachers, x):
+    with torch.no_grad():
+        return torch.stack([F.normalize(t, dim=-1) for t in teachers(x)], dim=1)  # (B, teachers, D)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    args = cache_args(tmp_path_factory.mktemp("cache"))
+    cache = make_cache(args)
+    teachers = build_teachers(args)
+    cache.build(teachers, DistContext())
+    assert cache.complete
+    return cache, teachers
+
+
+def test_a_stored_view_holds_its_drawn_parameters_and_the_teachers_embeddings_of_it(built):
+    cache, teachers = built
+    view = cache.chains[0]
+    stored = tc.CachedViews(cache.entries()[0], VIEWS, len(CHEAP_TEACHERS))
+    for item in (0, 7, 11):
+        img = cache.load(item)
+        embeddings = []
+        for v in range(VIEWS):
+            params, pixels = tc.drawn_view(view, img, tc.view_seed(0, 0, item, v))
+            got_params, got = stored.row(item, v)
+            assert got_params == params
+            torch.testing.assert_close(got, whitened(teachers, pixels[None])[0], rtol=0, atol=FP16_ATOL)
+            embeddings.append(got)
+        # the test's power: another view's embedding is far outside the tolerance
+        assert (embeddings[0] - embeddings[1]).abs().max() > 20 * FP16_ATOL
+
+
+def test_the_students_input_is_the_view_the_teachers_embedded_and_its_choice_is_reproducible(built):
+    cache, teachers = built
+    items = SeededItems(tc.CachedItems(cache))
+    chosen = set()
+    for seed in range(12):
+        x, embedding = items[(5, seed)]
+        again_x, again_embedding = items[(5, seed)]
+        assert torch.equal(x, again_x) and torch.equal(embedding, again_embedding)
+        torch.testing.assert_close(embedding, whitened(teachers, x[None])[0], rtol=0, atol=FP16_ATOL)
+        chosen.add(float(embedding[0, 0]))
+    assert len(chosen) == VIEWS  # the seeds pick each of the K views
+
+
+def shard_files(entry):
+    return {p.name: np.load(p) for p in sorted(entry.folder.glob("shard-*.npy"))}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_killed_build_resumes_from_its_shards_to_the_same_cache(tmp_path, monkeypatch):
+    small_shards(monkeypatch)
+    args = cache_args(tmp_path / "killed")
+    teachers = build_teachers(args)
+    calls = []
+
+    def failing(x):
+        calls.append(x.shape[0])
+        if len(calls) == 3:  # shard 0 (2 batches) is written, shard 1 is not
+            raise Interrupted
+        return teachers(x)
+
+    cache = make_cache(args)
+    with pytest.raises(Interrupted):
+        cache.build(failing, DistContext())
+    entry = cache.entries()[0]
+    assert sorted(entry.done_shards()) == [0] and not entry.complete
+    calls.clear()
+    cache.build(teachers_counting(teachers, calls), DistContext())
+    assert len(calls) == 4  # shards 1 and 2 only
+    fresh = make_cache(cache_args(tmp_path / "fresh"))
+    fresh.build(teachers, DistContext())
+    resumed, expected = shard_files(entry), shard_files(fresh.entries()[0])
+    # 3 shards of embeddings, view parameters and views per item
+    assert resumed.keys() == expected.keys() and len(expected) == 9
+    for name in expected:
+        np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+
+
+def teachers_counting(teachers, calls):
+    def counted(x):
+        calls.append(x.shape[0])
+        return teachers(x)
+    return counted
+
+
+def _build_on_rank(rank, port, cache_dir, weights):
+    tc.CACHE_SHARD, tc.VIEWS_PER_BATCH = 4, 4  # as small_shards, in the spawned process
+    torch.set_num_threads(1)
+    ctx = init_distributed(rank, False, f"tcp://127.0.0.1:{port}", 0, 2)
+    try:
+        args = cache_args(cache_dir, weights)
+        make_cache(args).build(build_teachers(args), ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_build_the_cache_of_one(tmp_path, monkeypatch):
+    torch.multiprocessing.spawn(_build_on_rank, args=(free_port(), tmp_path / "two", weights_dir()), nprocs=2)
+    small_shards(monkeypatch)
+    one = make_cache(cache_args(tmp_path / "one"))
+    one.build(build_teachers(one.args), DistContext())
+    two = make_cache(cache_args(tmp_path / "two"))
+    assert two.complete and two.entries()[0].folder.name == one.entries()[0].folder.name
+    got, expected = shard_files(two.entries()[0]), shard_files(one.entries()[0])
+    assert got.keys() == expected.keys() and len(expected) == 9
+    for name in expected:  # same views; embeddings within one float16 rounding of each other
+        if name.endswith(".params.npy"):
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(got[name].astype(np.float32), expected[name].astype(np.float32), rtol=0,
+                                       atol=2 * FP16_ATOL, err_msg=name)
+
+
+def test_the_key_names_everything_that_changes_a_stored_embedding(tmp_path):
+    base = cache_args(tmp_path)
+    folder = lambda cache: cache.entries()[0].folder  # noqa: E731
+    reference = folder(make_cache(base))
+    assert folder(make_cache(cache_args(tmp_path))) == reference
+    other_bytes = {**base.weight_sha256, next(iter(base.weight_sha256)): "0" * 64}
+    changed = [cache_args(tmp_path, teacher_views=3), cache_args(tmp_path, weight_sha256=other_bytes),
+               cache_args(tmp_path, p=1.0), cache_args(tmp_path, seed=1), cache_args(tmp_path, embed_dim=256),
+               cache_args(tmp_path, teachers=list(CHEAP_TEACHERS[::-1])),
+               cache_args(tmp_path, teacher_cache_dtype="float32")]
+    folders = [folder(make_cache(args)) for args in changed] + [folder(make_cache(base, size=SIZE + 8))]
+    data = toy_items()
+    fewer = tc.TeacherCache(base, len(data) - 2, fingerprint(data.image_ids[:-2]), data.load, [GLDView(SIZE)])
+    folders.append(folder(fewer))
+    assert reference not in folders and len(set(folders)) == len(folders)
+
+
+# ------------------------------------------------------------------------------------ training from it
+def gld_root():
+    return toy_gld(n_landmarks=8, imgs_per_landmark=2, size=40, seed=7, n_singletons=0)
+
+
+def distill(ckpt_dir, cache_dir, *extra):
+    return ["gld_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", ckpt_dir, "--gld_root_path",
+            gld_root(), "--path_to_pretrained_weights", weights_dir(), "--student_init", "random", "--imsize", SIZE,
+            "-b", 2, "--epochs", 2, "--num_workers", 1, "--no_progress", "--log_every", 1, "--teacher_cache",
+            cache_dir, "--teacher_views", VIEWS, *extra]
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """The first run names the cache, builds it and trains from it; 8 groups, 2 pairs, 4 iterations per epoch."""
+    root = tmp_path_factory.mktemp("cached_run")
+    res = run_script(*distill(root / "run", root / "cache"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "building 2 view(s) of 16 items" in res.stdout
+    return root
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_never_builds_or_calls_a_teacher(cached_run, tmp_path, monkeypatch):
+    import gld_distill
+    from engine import distill as engine_distill
+    from models.distill_model import WhitenedTeachers
+    from models.students import student_checkpoint_state
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a teacher was used while training from the cache")
+
+    monkeypatch.setattr(engine_distill, "build_teachers", forbidden)
+    monkeypatch.setattr(WhitenedTeachers, "forward", forbidden)
+    argv = distill(tmp_path / "again", cached_run / "cache", "--num_workers", 0)[1:]  # without the script
+    args = gld_distill.parse_args(list(map(str, argv)))
+    gld_distill.check_gld(args)
+    trainer = engine_distill.run_distillation(args, DistContext(), gld_distill.build_gld_data)
+    assert trainer.criterion.teachers is None and trainer.iteration == 8
+    first = load_file(cached_run / "run" / "checkpoint_last.pt")["state_dict"]
+    again = student_checkpoint_state(trainer.student)
+    assert again.keys() == first.keys()
+    for key, value in first.items():  # the same views and embeddings: the run that built the cache, again
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_a_run_from_the_cache_stopped_mid_epoch_resumes_exactly(cached_run, tmp_path):
+    ckpt = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, distill(ckpt, cached_run / "cache"))], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = ckpt / "metrics.jsonl"
+        while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count('"type": "iter"') >= 2):
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert load_file(ckpt / "checkpoint_last.pt")["epoch_iteration"] > 0
+    res = run_script(*distill(ckpt, cached_run / "cache", "-r", "auto"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "no teacher runs" in res.stdout
+    a, b = load_file(cached_run / "run" / "checkpoint_last.pt"), load_file(ckpt / "checkpoint_last.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
