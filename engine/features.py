@@ -123,11 +123,11 @@ class PartExtractor:
         if entry is not None and self.args.refresh_cache and ctx.is_main:
             entry.clear()
         barrier()
-        complete = entry is not None and entry.complete
         done = broadcast_object(sorted(entry.done_shards()) if entry is not None and ctx.is_main else None)
         done = set(done or [])
         n_shards = -(-len(part.names) // part.shard_items)
         todo = [s for s in range(n_shards) if s not in done]
+        complete = entry is not None and entry.complete and not todo  # a shard deleted by hand is embedded again
         if ctx.is_main:
             where = f" (store {entry.folder})" if entry is not None else ""
             if complete:

@@ -144,6 +144,12 @@ def test_gld_tree_with_a_missing_and_a_corrupt_image_gives_filtered_lists(tmp_pa
                               "--gld_root_path", root, "--path_to_pretrained_weights", weights_dir(),
                               "--student_init", "random", "--no_progress")
     assert official_run.returncode == 1 and "1 of 24 training image(s) not found" in official_run.stderr
+    pca = run_script("gld_pca_learn.py", "-t", "mocov3", "--gld_root_path", root, "--gld_ids",
+                     "meta/train_clean_available_ids.txt", "--path_to_pretrained_weights", weights_dir(),
+                     "--embed_dim", 8, "--imsize", 32, "--num_samples", -1, "--dump_to", tmp_path / "pca.pt",
+                     "--num_workers", 0, "--no_progress")
+    assert pca.returncode == 0, pca.stderr[-3000:]
+    assert "extracted 23 x 2048 features" in pca.stdout  # every usable image, none of the two broken ones
 
 
 # ------------------------------------------------------------------------------------------------- revisitop
@@ -210,6 +216,24 @@ def test_weights_check_names_the_missing_and_the_wrong_file(tmp_path):
     ok = run_script("tools/check_weights.py", "--path_to_pretrained_weights", weights_dir(), "--teachers",
                     *CHEAP_TEACHERS)
     assert ok.returncode == 0 and "4 of 4 files present and loading" in ok.stdout
+
+
+def test_weights_check_of_the_released_students(tmp_path):
+    from models.students import build_student, student_checkpoint_state
+    from utils.checkpoint import save_atomic
+
+    ckpts = tmp_path / "ckpts"
+    r18 = {"state_dict": student_checkpoint_state(build_student("resnet18", embed_dim=512))}
+    save_atomic(r18, ckpts / "ro_re_to_r18_ep3k.pth")
+    save_atomic(r18, ckpts / "ro_re_to_r34_ep3k" / "checkpoint_3000.pt")  # a ResNet18 where a ResNet34 belongs
+    res = run_script("tools/check_weights.py", "--path_to_pretrained_weights", weights_dir(), "--teachers",
+                     "mocov3", "--checkpoints", ckpts)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = {line.split("|")[1].strip(): line for line in res.stdout.splitlines() if line.startswith("| ")}
+    assert "| yes | yes | 512 |" in lines["student ro_re_to_r18_ep3k (resnet18)"]
+    assert "| yes | NO |" in lines["student ro_re_to_r34_ep3k (resnet34)"]
+    assert "| NO | NO |" in lines["student mc_bt_to_r18_ep3k (resnet18)"]
+    assert "3 of 7 files present and loading" in res.stdout and "Traceback" not in res.stderr  # teacher, PCA, r18
 
 
 def test_tools_are_where_the_readme_says(tmp_path):

@@ -25,6 +25,7 @@ from models.embedder import Embedder
 from models.students import build_student, student_checkpoint_state
 from utils.distributed import DistContext
 from utils.feature_store import StoreEntry, StoreError
+from utils.files import fingerprint
 
 SIZE = 40
 
@@ -174,6 +175,23 @@ def test_teacher_keys_cover_the_teacher_and_pca_files(tmp_path):
     pca.write_bytes(pca.read_bytes() + b"\0")
     assert model_components(args)["pca_sha256"] != before["pca_sha256"]
     assert model_components(args)["file_sha256"] == before["file_sha256"]
+    teacher_file = weights / "mocov3_1000ep.pth.tar"
+    teacher_file.write_bytes(teacher_file.read_bytes() + b"\0")
+    assert model_components(args)["file_sha256"] != before["file_sha256"]
+    without_pca = model_components(argparse.Namespace(**{**vars(args), "pca": False}))
+    other_teacher = model_components(argparse.Namespace(**{**vars(args), "teacher": "barlowtwins"}))
+    assert len({fingerprint(c) for c in (model_components(args), without_pca, other_teacher)}) == 3
+
+
+def test_every_svd_protocol_flag_changes_the_key():
+    from engine.video_retrieval import video_protocol
+
+    base = dict(max_frames=60, stride=1, crop_size=224, input_norm="none", amp="none")
+    variants = {"--max_frames": {"max_frames": 30}, "--stride": {"stride": 2}, "--crop_size": {"crop_size": 112},
+                "--input_norm": {"input_norm": "imagenet"}, "--amp": {"amp": "bf16"}}
+    reference = fingerprint(video_protocol(argparse.Namespace(**base)))
+    for what, change in variants.items():
+        assert fingerprint(video_protocol(argparse.Namespace(**{**base, **change}))) != reference, what
 
 
 def test_an_entry_is_never_read_under_another_key(tmp_path):
