@@ -41,8 +41,8 @@ def add_cache_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--teacher_cache", default=None, metavar="DIR", type=output_dir,
                        help="store the teachers' embeddings of --teacher_views views per image once, then train "
                             "from them without running a teacher (built by the first run that names it; reused when "
-                            "the teachers' files, PCA files, -p, --embed_dim, the crop size, the image list, K and "
-                            "the seed match). Default: the teachers run on every crop, as the paper")
+                            "the teachers' files, PCA files, -p, --embed_dim, the crop size, --amp, the image list, K "
+                            "and the seed match). Default: the teachers run on every crop, as the paper")
     group.add_argument("--teacher_views", type=int_at_least(1), default=8, metavar="K",
                        help="views stored per image (or frame, per view distribution): each epoch uses one")
     group.add_argument("--teacher_cache_dtype", default="float16", choices=["float16", "float32"],

@@ -90,11 +90,11 @@ class StoreEntry:
             manifest = json.loads(self.manifest_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise StoreError(f"feature store manifest {self.manifest_file} is unreadable ({exc}); rerun with "
-                             "--refresh_cache") from None
+                             f"--refresh_cache (or delete {self.folder})") from None
         if manifest.get("key") != self.key:
             raise StoreError(f"feature store folder {self.folder} holds another entry (key "
                              f"{str(manifest.get('key'))[:16]}..., wanted {self.key[:16]}...); rerun with "
-                             "--refresh_cache or give another --feature_cache")
+                             f"--refresh_cache (or delete {self.folder}) or give another store folder")
         return True
 
     def done_shards(self) -> set[int]:
