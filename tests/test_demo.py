@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import demo  # noqa: E402
@@ -21,6 +22,8 @@ def test_demo_fast_table_complete_and_distillation_helps(tmp_path, capsys):
     before, after = rows["student before (random init)"], rows["student after distillation"]
     assert after["M"] > before["M"] and after["H"] > before["H"]
     assert out["pictures"] and Path(out["pictures"][0]).stat().st_size > 0
+    with Image.open(out["training_plot"]) as plot:  # the loss/lr/win-share plot of the distillation run
+        assert plot.format == "PNG" and plot.size[0] > 400
     table = (tmp_path / "demo" / "demo_results.md").read_text()
     assert table.count("\n") == 6 and "student after distillation" in table
     assert "retrieval picture:" in capsys.readouterr().out

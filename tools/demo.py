@@ -29,8 +29,9 @@ from models.students import build_student, student_checkpoint_state  # noqa: E40
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.argtypes import int_at_least, positive_int, seed_int  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
-from utils.files import write_json, write_text  # noqa: E402
+from utils.files import read_jsonl, write_json, write_text  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
+from utils.training_plot import plot_training_metrics  # noqa: E402
 
 DEMO_MARKER = ".whiten_mtd_demo"
 
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--path_to_pretrained_weights", weights, "--student_init", "random", "--imsize", args.imsize,
         "--epochs", args.epochs, "-b", 16, "--lr", 1e-3, "--snapshot_step", args.epochs, *common)
 
+    training_plot = results / "distillation_metrics.png"
+    plot_training_metrics(read_jsonl(ckpt / "metrics.jsonl"), training_plot, title="distillation (tools/demo.py)")
+
     evaluations = {f"teacher {n} + PCA": ["-t", n, "--pca"] for n in args.teachers}
     evaluations["student before (random init)"] = ["-a", "resnet18", "-r", ckpt / "student_before.pt"]
     evaluations["student after distillation"] = ["-a", "resnet18", "-r", ckpt / "checkpoint_last.pt",
@@ -151,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"retrieval picture: {pictures[0]}")
         if args.save_asset:
             shutil.copy(pictures[0], ROOT / "assets" / "demo_retrieval.png")
+    print(f"training plot (loss, lr, teachers' win shares): {training_plot}")
     print(f"results: {work / 'demo_results.md'}")
-    return {"rows": rows, "pictures": [str(p) for p in pictures]}
+    return {"rows": rows, "pictures": [str(p) for p in pictures], "training_plot": str(training_plot)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""tools/plot_metrics.py: the plot of a training run's metrics.jsonl draws exactly its iteration records."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import plot_metrics  # noqa: E402
+
+from utils.training_plot import iteration_series  # noqa: E402
+
+
+def write_metrics(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def iter_record(i, wins):
+    return {"type": "iter", "epoch": 1 + (i - 1) // 3, "iter": 1 + (i - 1) % 3, "iteration": i, "loss": 5.0 / i,
+            "lr": 1e-3 * (1 - i / 10), "images_per_s": 10.0, "pos_win_share": wins}
+
+
+def test_the_plot_draws_every_iteration_record(tmp_path):
+    records = [iter_record(1, {"mocov3": 0.25, "barlowtwins": 0.75}), iter_record(2, None),
+               iter_record(3, {"mocov3": 1.0, "barlowtwins": 0.0}),
+               {"type": "epoch", "epoch": 1, "iteration": 3, "loss": 2.0},
+               {"type": "resume", "epoch": 1, "iteration": 3, "checkpoint": "x"},
+               iter_record(4, {"mocov3": 0.5, "barlowtwins": 0.5})]
+    run = tmp_path / "run"
+    write_metrics(run, records)
+    out = plot_metrics.main([str(run)])
+    assert out == run / "metrics.png"
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 400
+    series = iteration_series(records)
+    assert series["iteration"] == [1, 2, 3, 4] and series["loss"] == [5.0, 2.5, 5.0 / 3, 1.25]
+    assert series["wins"] == {"barlowtwins": [0.75, None, 0.0, 0.5], "mocov3": [0.25, None, 1.0, 0.5]}
+
+
+def test_strategies_without_wins_and_another_output(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, [iter_record(i, None) for i in (1, 2)])
+    out = plot_metrics.main([str(run), "--out", str(tmp_path / "pics" / "run.png")])
+    assert out.is_file() and iteration_series([iter_record(1, None)])["wins"] == {}
+
+
+def test_a_folder_without_a_run_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="metrics.jsonl not found"):
+        plot_metrics.main([str(tmp_path)])
+    write_metrics(tmp_path, [{"type": "resume", "epoch": 0, "iteration": 0}])
+    with pytest.raises(SystemExit, match="no iteration records"):
+        plot_metrics.main([str(tmp_path)])
+    (tmp_path / "metrics.jsonl").write_text("{broken\n" + json.dumps(iter_record(1, None)) + "\n")
+    with pytest.raises(SystemExit, match="not a JSON record"):
+        plot_metrics.main([str(tmp_path)])
