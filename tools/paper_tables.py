@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.released import RELEASED_STUDENTS, released_checkpoint  # noqa: E402
+from utils.argtypes import output_dir  # noqa: E402
 from utils.files import write_json  # noqa: E402
 
 IMAGE_TEACHERS = ["resnet101_gem", "resnet101_ap_gem", "resnet101_solar", "resnet101_delg", "resnet101_dolg"]
@@ -105,10 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="/path/to/pretrained_weights", help="teachers and pca_weights/")
     parser.add_argument("--checkpoints", default="/path/to/checkpoints", help="folder of the released students")
     parser.add_argument("--svd_meta", default="config/svd.yaml", help="SVD metadata yaml (-dm)")
-    parser.add_argument("--results_dir", default="paper_results", help="where the evaluation JSONs go")
+    parser.add_argument("--results_dir", default="paper_results", type=output_dir, help="where the evaluation JSONs go")
     parser.add_argument("--plus1m", action="store_true", help="evaluate with the 1M distractors")
     parser.add_argument("--only", choices=["image", "video"], default=None, help="only one of the two tables")
-    parser.add_argument("--feature_cache", default=None, metavar="DIR",
+    parser.add_argument("--feature_cache", default=None, metavar="DIR", type=output_dir,
                         help="feature store of the evaluations: each part is embedded once per model (one run per "
                              "model for both datasets, so the distractors once), later runs read it")
     parser.add_argument("--sim_fn", nargs="+", default=["cf"], choices=["fme", "fmx", "sme", "smx", "cf"],

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from utils.config import load_yaml
+from utils.config import ConfigError, load_yaml
 from utils.files import files_exist, read_text
 
 # Keys of the paper's svd.yaml that this code reads; the others (all_video_id, groundtruth, video_root_paths,
@@ -108,7 +108,11 @@ class SVDMeta:
         if not Path(path).is_file():
             raise SVDMetaError(f"SVD metadata config {path} not found; pass -dm/--dataset_meta with a yaml like "
                                "config/svd.yaml (tools/make_toy_data.py writes a toy one).")
-        return cls(load_yaml(path, what="SVD metadata config (-dm/--dataset_meta)"), source=str(path))
+        try:
+            config = load_yaml(path, what="SVD metadata config (-dm/--dataset_meta)")
+        except ConfigError as exc:
+            raise SVDMetaError(str(exc).split("\n")[0]) from None
+        return cls(config, source=str(path))
 
     def path_of(self, key: str, must_exist: bool = True) -> str:
         """The file or folder the yaml names under ``key``, with a clear error when it is absent."""
