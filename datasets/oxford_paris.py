@@ -429,6 +429,14 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return best.rows
 
 
+def medium_label(gnd: dict, index: int) -> str:
+    """The Medium protocol's label of database image ``index`` for a query: positive (easy or hard), junk or
+    negative (distractors included)."""
+    if any(index in np.asarray(gnd[k]).reshape(-1) for k in ("easy", "hard")):
+        return "positive"
+    return "junk" if index in np.asarray(gnd["junk"]).reshape(-1) else "negative"
+
+
 def save_query_strips(out_dir: str | os.PathLike, dataset: RevisitedDataset, best: TopK,
                       crop_queries: bool = False, distractors: ImageList | None = None) -> list[Path]:
     """One PNG per query: the query (cropped as evaluated) and its best results (rows of the database, then of the
@@ -440,14 +448,10 @@ def save_query_strips(out_dir: str | os.PathLike, dataset: RevisitedDataset, bes
     queries, database = dataset.queries(crop=crop_queries), dataset.database()
     written = []
     for q, (row, scores) in enumerate(zip(best.rows.cpu().tolist(), best.scores.cpu().tolist())):
-        g = dataset.gnd[q]
-        positive = set(np.asarray(g["easy"]).reshape(-1).tolist()) | set(np.asarray(g["hard"]).reshape(-1).tolist())
-        junk = set(np.asarray(g["junk"]).reshape(-1).tolist())
         results, captions = [], []
         for r, (i, score) in enumerate(zip(row, scores)):
             img = database.load(i) if i < dataset.n_database else distractors.load(i - dataset.n_database)
-            label = "positive" if i in positive else "junk" if i in junk else "negative"
-            results.append((img, label))
+            results.append((img, medium_label(dataset.gnd[q], i)))
             captions.append(f"#{r + 1} {score:.3f}")
         name = f"{dataset.name}_q{q:03d}_{Path(dataset.qimlist[q]).name}.png"
         written.append(save_retrieval_strip(out_dir / name, queries.load(q), results, captions=captions))

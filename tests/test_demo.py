@@ -22,6 +22,8 @@ def test_demo_fast_table_complete_and_distillation_helps(tmp_path, capsys):
     before, after = rows["student before (random init)"], rows["student after distillation"]
     assert after["M"] > before["M"] and after["H"] > before["H"]
     assert out["pictures"] and Path(out["pictures"][0]).stat().st_size > 0
+    with Image.open(out["comparison"]) as grid:  # 3 queries x (2 teachers + the student) rows
+        assert grid.format == "PNG" and grid.size[1] > grid.size[0] > 400
     with Image.open(out["training_plot"]) as plot:  # the loss/lr/win-share plot of the distillation run
         assert plot.format == "PNG" and plot.size[0] > 400
     table = (tmp_path / "demo" / "demo_results.md").read_text()

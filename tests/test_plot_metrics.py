@@ -1,4 +1,4 @@
-"""tools/plot_metrics.py: the plot of a training run's metrics.jsonl draws exactly its iteration records."""
+"""tools/plot_metrics.py: a training run's plot draws exactly its iteration records; the demo's retrieval grid."""
 import json
 import sys
 from pathlib import Path
@@ -55,3 +55,19 @@ def test_a_folder_without_a_run_is_one_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{broken\n" + json.dumps(iter_record(1, None)) + "\n")
     with pytest.raises(SystemExit, match="not a JSON record"):
         plot_metrics.main([str(tmp_path)])
+
+
+def test_the_retrieval_grid_has_a_row_per_query_and_model(tmp_path):
+    from utils.visualize import save_retrieval_grid
+
+    def tile(value):
+        return Image.new("RGB", (40, 30), (value, 100, 200))
+
+    row = ("query 0\nstudent\nAP 50.0", tile(0), [(tile(10 * r), kind, r + 1, 1 - r / 10)
+                                                   for r, kind in enumerate(["positive", "junk", "negative"])])
+    with Image.open(save_retrieval_grid(tmp_path / "two.png", [row, row])) as two, \
+            Image.open(save_retrieval_grid(tmp_path / "four.png", [row] * 4)) as four:
+        assert two.format == four.format == "PNG" and two.size[0] == four.size[0] and four.size[1] > 1.5 * two.size[1]
+    with pytest.raises(ValueError, match="unknown result label"):
+        save_retrieval_grid(tmp_path / "bad.png", [("q", tile(0), [(tile(1), "maybe", 1, 0.5)])])
+    assert not (tmp_path / "bad.png").exists()

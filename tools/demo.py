@@ -23,8 +23,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
 
+from datasets.oxford_paris import (  # noqa: E402
+    ImageList,
+    RevisitedDataset,
+    evaluate_scores,
+    medium_label,
+    similarity,
+)
 from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
+from datasets.transforms import imagenet_normalize  # noqa: E402
+from models.embedder import Embedder, build_embedder  # noqa: E402
 from models.students import build_student, student_checkpoint_state  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.argtypes import int_at_least, positive_int, seed_int  # noqa: E402
@@ -32,6 +42,7 @@ from utils.checkpoint import save_atomic  # noqa: E402
 from utils.files import read_jsonl, write_json, write_text  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
+from utils.visualize import save_retrieval_grid  # noqa: E402
 
 DEMO_MARKER = ".whiten_mtd_demo"
 
@@ -89,6 +100,34 @@ def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float,
     return params, gflops, rate
 
 
+@torch.inference_mode()
+def comparison_rows(revisitop: Path, models: dict[str, Embedder], imsize: int, n_queries: int = 3,
+                    top: int = 5) -> list[tuple]:
+    """For the first ``n_queries`` queries with a Medium positive, one row per model: its Medium AP, the query and
+    its ``top`` results (image, Medium label, rank, score), scored as ``oxford_paris_eval.py`` scores (single
+    scale, cosine similarity)."""
+    ds = RevisitedDataset(revisitop, "roxford5k")
+    transform = T.Compose([T.ToTensor(), imagenet_normalize()])
+    queries, database = ds.queries(transform, imsize), ds.database(transform, imsize)
+    chosen = [q for q, g in enumerate(ds.gnd) if len(g["easy"]) + len(g["hard"])][:n_queries]
+    ranked = {}
+    for label, model in models.items():
+        def embed(images: ImageList, model: Embedder = model) -> torch.Tensor:  # the images differ in size
+            return torch.cat([model.single(images[i][0].unsqueeze(0)) for i in range(len(images))])
+
+        scores = similarity(embed(database), embed(queries))
+        best = scores.topk(min(top, scores.shape[0]), dim=0)
+        ranked[label] = (evaluate_scores(scores, ds.gnd).aps["M"], best.indices.T.tolist(), best.values.T.tolist())
+    shown_q, shown_db = ds.queries(imsize=imsize), ds.database(imsize=imsize)
+    rows = []
+    for q in chosen:
+        for label, (aps, indices, values) in ranked.items():
+            results = [(shown_db.load(i), medium_label(ds.gnd[q], i), r + 1, v)
+                       for r, (i, v) in enumerate(zip(indices[q], values[q]))]
+            rows.append((f"query {q}\n{label}\nAP {100 * aps[q]:.1f}", shown_q.load(q), results))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = Path(args.work_dir).resolve()
@@ -140,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         params, gflops, rate = model_cost(model, args.imsize, args.device)
         rows.append({"model": label, "params_M": params, "gflops": gflops, "images_per_s": rate, **mAP})
 
+    models = {f"teacher {n}": build_embedder(teacher=n, pca=True, weights_dir=str(weights), embed_dim=args.embed_dim)
+              for n in args.teachers}
+    models["student"] = build_embedder("resnet18", str(ckpt / "checkpoint_last.pt"), embed_dim=args.embed_dim)
+    comparison = save_retrieval_grid(results / "retrieval_comparison.png",
+                                     comparison_rows(rev, models, args.imsize),
+                                     title="toy ROxford: teachers (+ PCA) and the distilled student, Medium labels")
+
     table = [f"| model | params (M) | GFLOPs/img @{args.imsize}px | img/s | mAP E | mAP M | mAP H |",
              "|---|---|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['params_M']:.1f} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "
@@ -151,13 +197,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + text + "\n")
     print("teachers have random weights: the numbers show the mechanics (the student learns the fused whitened "
           "teachers' similarities), not the paper's accuracy.")
+    print(f"retrieval picture: {comparison} (queries x the teachers and the student)")
     if pictures:
-        print(f"retrieval picture: {pictures[0]}")
-        if args.save_asset:
-            shutil.copy(pictures[0], ROOT / "assets" / "demo_retrieval.png")
+        print(f"retrieval strips of the student, one per query: {pictures[0].parent}")
+    if args.save_asset:
+        shutil.copy(comparison, ROOT / "assets" / "demo_retrieval.png")
     print(f"training plot (loss, lr, teachers' win shares): {training_plot}")
     print(f"results: {work / 'demo_results.md'}")
-    return {"rows": rows, "pictures": [str(p) for p in pictures], "training_plot": str(training_plot)}
+    return {"rows": rows, "pictures": [str(p) for p in pictures], "comparison": str(comparison),
+            "training_plot": str(training_plot)}
 
 
 if __name__ == "__main__":
