@@ -1,7 +1,7 @@
 """The whole method on the embedded toy data, end to end, through the real scripts.
 
     python tools/demo.py                      # CPU: a few minutes; a GPU is used when present
-    python tools/demo.py --fast               # a shorter distillation (the test suite runs this)
+    python tools/demo.py --fast               # a cheaper distillation (the test suite runs this)
 
 Steps: toy GLDv2 + revisited-Oxford data -> teachers trained for about 30 s each on the toy landmarks (NO real
 weights are shipped or downloaded; engine/teacher_pretraining.py), written in the published file layouts ->
@@ -62,8 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_steps", type=positive_int, default=60,
                         help="training steps of each teacher on the toy landmarks (about 0.5 s each on 2 CPU "
                         "cores); fewer give weaker teachers and a weaker student")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="distillation epochs (default 64, --fast 32; 4 steps each)")
+    parser.add_argument("--epochs", type=positive_int, default=64,
+                        help="distillation epochs (64 = 256 steps of 16 pairs)")
     parser.add_argument("--imsize", type=int_at_least(32), default=64,
                         help="image size of the toy data, of PCA learning and of the evaluation")
     parser.add_argument("--distill_imsize", type=int_at_least(16), default=None,
@@ -75,8 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--fast", action="store_true",
-                        help="a shorter distillation, and all but the student evaluated in-process (about 2 minutes "
-                        "on 2 CPU cores instead of 4; a weaker student)")
+                        help="distillation on 32 px crops, and all but the student evaluated in-process (about 3 "
+                        "minutes on 2 CPU cores instead of 4; a weaker student)")
     parser.add_argument("--save_asset", action="store_true",
                         help="copy the retrieval picture to assets/ (how the README's was made)")
     return parser
@@ -84,8 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 32 if args.fast else 64
     if args.distill_imsize is None:
         args.distill_imsize = 32 if args.fast else args.imsize
     return args
