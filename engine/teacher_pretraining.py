@@ -73,7 +73,7 @@ def pretrain_teacher(teacher: nn.Module, dataset: GLDPairDataset, recipe: Pretra
                      device: torch.device | str = "cpu") -> list[float]:
     """Train ``teacher`` (its forward gives one descriptor per image) in place on ``dataset``'s landmark groups
     of two or more images; returns the loss of every step. The teacher is left in eval mode, on the CPU."""
-    groups = [g for g in dataset.groups if len(g) >= 2]
+    groups = dataset.groups  # the loader already keeps only landmarks with 2+ images
     if len(groups) < 2:
         raise ValueError(f"teacher pre-training needs at least 2 landmark groups with 2+ images; {dataset.root} "
                          f"has {len(groups)}")
