@@ -57,3 +57,11 @@ def test_the_readme_asset_is_a_256_colour_copy_of_the_picture(tmp_path):
         error = np.abs(np.asarray(asset.convert("RGB"), dtype=float) - np.asarray(original.convert("RGB")))
         assert error.mean() < 8  # a palette of 256 colours, not another picture
     assert not list(tmp_path.glob(".*"))  # written atomically: no temporary left behind
+
+
+def test_a_gpu_requested_on_a_machine_without_one_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--device", "cuda", "--work_dir", str(tmp_path / "demo")])
+    assert stop.value.code == 2 and "no GPU is visible" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

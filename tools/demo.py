@@ -33,6 +33,7 @@ from datasets.gld import GLDPairDataset  # noqa: E402
 from datasets.oxford_paris import (  # noqa: E402
     ImageList,
     RevisitedDataset,
+    RevisitedResult,
     evaluate_scores,
     medium_label,
     similarity,
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
     if args.distill_imsize is None:
         args.distill_imsize = 32 if args.fast else args.imsize
+    if args.device == "cuda" and not torch.cuda.is_available():  # before the teachers train, not after
+        get_args_parser().error("--device cuda was requested but no GPU is visible; use --device cpu")
     return args
 
 
@@ -95,20 +98,19 @@ def run(script: str, *flags: object) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def model_cost(model: torch.nn.Module, imsize: int, device: str) -> tuple[float, float, float]:
+def model_cost(model: torch.nn.Module, imsize: int, device: torch.device) -> tuple[float, float, float]:
     """(parameters in M, GFLOPs per image, measured images/s) at ``imsize``."""
-    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    model = model.to(dev).eval()
-    x = torch.randn(8, 3, imsize, imsize, device=dev)
+    model = model.to(device).eval()
+    x = torch.randn(8, 3, imsize, imsize, device=device)
     gflops = count_gflops(model, x[:1])
     with torch.inference_mode():
         model(x)
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(3):
             model(x)
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         rate = 3 * x.shape[0] / (time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -134,22 +136,28 @@ def fused(descriptors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return tuple(torch.cat([F.normalize(d[part], dim=1) for d in descriptors], dim=1) for part in (0, 1))
 
 
-def retrieval_map(ds: RevisitedDataset, descriptors: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """mAP E/M/H in percent of (queries, database) descriptors, as ``oxford_paris_eval.py --output_json`` writes."""
+def evaluate_descriptors(ds: RevisitedDataset, descriptors: tuple[torch.Tensor, torch.Tensor]) -> RevisitedResult:
+    """The revisited protocol's result for (queries, database) descriptors, scored as ``oxford_paris_eval.py``."""
     queries, database = descriptors
-    return {mode: 100 * value for mode, value in evaluate_scores(similarity(database, queries), ds.gnd).map.items()}
+    return evaluate_scores(similarity(database, queries), ds.gnd)
 
 
-def comparison_rows(ds: RevisitedDataset, descriptors: dict[str, tuple[torch.Tensor, torch.Tensor]], imsize: int,
-                    n_queries: int = 3, top: int = 5) -> list[tuple]:
-    """For the first ``n_queries`` queries with a Medium positive, one row per model: its Medium AP, the (cropped)
-    query and its ``top`` results (image, Medium label, rank, score)."""
+def map_percent(result: RevisitedResult) -> dict[str, float]:
+    """mAP E/M/H in percent, as ``oxford_paris_eval.py --output_json`` writes it."""
+    return {mode: 100 * value for mode, value in result.map.items()}
+
+
+def comparison_rows(ds: RevisitedDataset, shown: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], RevisitedResult]],
+                    imsize: int, n_queries: int = 3, top: int = 5) -> list[tuple]:
+    """For the first ``n_queries`` queries with a Medium positive, one row per model of ``shown`` (label ->
+    (descriptors, their result)): its Medium AP, the (cropped) query and its ``top`` results (image, Medium label,
+    rank, score)."""
     chosen = [q for q, g in enumerate(ds.gnd) if len(g["easy"]) + len(g["hard"])][:n_queries]
     ranked = {}
-    for label, (queries, database) in descriptors.items():
+    for label, ((queries, database), result) in shown.items():
         scores = similarity(database, queries)
         best = scores.topk(min(top, scores.shape[0]), dim=0)
-        ranked[label] = (evaluate_scores(scores, ds.gnd).aps["M"], best.indices.T.tolist(), best.values.T.tolist())
+        ranked[label] = (result.aps["M"], best.indices.T.tolist(), best.values.T.tolist())
     shown_q, shown_db = ds.queries(imsize=imsize, crop=True), ds.database(imsize=imsize)
     rows = []
     for q in chosen:
@@ -218,16 +226,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # every model is embedded here too (the picture and the fused row need the descriptors); the table takes the
     # mAP that oxford_paris_eval.py writes, except that --fast runs the script for the distilled student only
-    evaluations = {f"teacher {n} + PCA": ["-t", n, "--pca"] for n in args.teachers}
-    evaluations["student before (random init)"] = ["-a", "resnet18", "-r", ckpt / "student_before.pt"]
-    evaluations["student after distillation"] = ["-a", "resnet18", "-r", ckpt / "checkpoint_last.pt",
-                                                 "--visualize", results / "retrieval", "--visualize_top", 6]
+    teacher_labels = {f"teacher {n} + PCA": n for n in args.teachers}
+    student_checkpoints = {"student before (random init)": ckpt / "student_before.pt",
+                           "student after distillation": ckpt / "checkpoint_last.pt"}
+    evaluations = {label: ["-t", n, "--pca"] for label, n in teacher_labels.items()}
+    evaluations.update({label: ["-a", "resnet18", "-r", path] for label, path in student_checkpoints.items()})
+    evaluations["student after distillation"] += ["--visualize", results / "retrieval", "--visualize_top", 6]
+    embedders = {label: build_embedder(teacher=n, pca=True, weights_dir=str(weights), embed_dim=args.embed_dim)
+                 for label, n in teacher_labels.items()}
+    embedders.update({label: build_embedder("resnet18", str(path), embed_dim=args.embed_dim)
+                      for label, path in student_checkpoints.items()})
     ds = RevisitedDataset(rev, "roxford5k")
-    embedders = {label: build_embedder(teacher=flags[1], pca=True, weights_dir=str(weights), embed_dim=args.embed_dim)
-                 if flags[0] == "-t" else build_embedder("resnet18", str(flags[3]), embed_dim=args.embed_dim)
-                 for label, flags in evaluations.items()}
     descriptors = revisited_descriptors(ds, embedders, args.imsize)
-    in_process = {label: retrieval_map(ds, d) for label, d in descriptors.items()}
+    evaluated = {label: evaluate_descriptors(ds, d) for label, d in descriptors.items()}
+    in_process = {label: map_percent(result) for label, result in evaluated.items()}
     scripted = ["student after distillation"] if args.fast else list(evaluations)
     rows = []
     for label, flags in evaluations.items():
@@ -237,18 +249,18 @@ def main(argv: list[str] | None = None) -> dict:
             run("oxford_paris_eval.py", *flags, "-dp", rev, "--path_to_pretrained_weights", weights, "--imsize",
                 args.imsize, "--crop_queries", "--output_json", out, *common)
             mAP = json.loads(out.read_text())["map"]
-        model = teachers[flags[1]] if flags[0] == "-t" else student_before
-        params, gflops, rate = model_cost(model, args.imsize, args.device)
+        model = teachers[teacher_labels[label]] if label in teacher_labels else student_before
+        params, gflops, rate = model_cost(model, args.imsize, device)
         rows.append({"model": label, "params_M": params, "gflops": gflops, "images_per_s": rate, **mAP})
     if len(args.teachers) > 1:  # the fused teachers: every teacher's cost, the mean of their similarities
-        teacher_rows = rows[:len(args.teachers)]
+        teacher_rows = [r for r in rows if r["model"] in teacher_labels]
         rows.insert(len(args.teachers), {
             "model": "teachers fused (concatenated, + PCA)",
             "params_M": sum(r["params_M"] for r in teacher_rows), "gflops": sum(r["gflops"] for r in teacher_rows),
             "images_per_s": 1 / sum(1 / r["images_per_s"] for r in teacher_rows),
-            **retrieval_map(ds, fused([descriptors[f"teacher {n} + PCA"] for n in args.teachers]))})
-    shown = {label.removesuffix(" + PCA"): descriptors[label] for label in evaluations if label.startswith("teacher")}
-    shown["student"] = descriptors["student after distillation"]
+            **map_percent(evaluate_descriptors(ds, fused([descriptors[label] for label in teacher_labels])))})
+    shown = {label.removesuffix(" + PCA"): (descriptors[label], evaluated[label]) for label in teacher_labels}
+    shown["student"] = (descriptors["student after distillation"], evaluated["student after distillation"])
     comparison = save_retrieval_grid(results / "retrieval_comparison.png",
                                      comparison_rows(ds, shown, args.imsize),
                                      title="toy ROxford: teachers (+ PCA) and the distilled student, Medium labels")
@@ -262,9 +274,13 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(work / "demo_results.json", rows)
     pictures = sorted((results / "retrieval").glob("*.png"))
     print("\n" + text + "\n")
-    print("the teachers are ResNet50s trained for 30 s on toy landmarks, not the published ones: the table shows the "
-          "method at work (a student 2x cheaper than one teacher, 4x cheaper than the pair, learns the fused whitened "
-          "teachers' similarities), not the paper's accuracy.")
+    gflops = {r["model"]: r["gflops"] for r in rows}
+    teacher_gflops = [gflops[label] for label in teacher_labels]
+    student_gflops = gflops["student after distillation"]
+    print(f"the teachers are trained for {args.teacher_steps} steps on toy landmarks, not the published ones: the "
+          f"table shows the method at work (a student {min(teacher_gflops) / student_gflops:.1f}x cheaper than one "
+          f"teacher, {sum(teacher_gflops) / student_gflops:.1f}x cheaper than all {len(teacher_gflops)}, learns the "
+          "fused whitened teachers' similarities), not the paper's accuracy.")
     print(f"retrieval picture: {comparison} (queries x the teachers and the student)")
     if pictures:
         print(f"retrieval strips of the student, one per query: {pictures[0].parent}")
