@@ -290,3 +290,34 @@ def stage(name: str, enabled: bool = True):
     yield
     if enabled:
         print(f"[{name}: {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
+
+
+def gather_all_features(embed: Callable[[torch.Tensor], torch.Tensor], loader: Any, total: int, ctx: Any
+                        ) -> torch.Tensor:
+    """The baseline of the memory benchmarks: how PCA learning extracted features before it used sufficient
+    statistics. Every rank embeds its share ``(images, indices)``, then every rank all-gathers every rank's rows and
+    indices (padded to the longest share) and assembles the whole (total, D) matrix, on the device and on the host."""
+    import torch.distributed as dist
+
+    feats, idxs = [], []
+    with torch.inference_mode():
+        for images, indices in loader:
+            feats.append(embed(images.to(ctx.device)).float())
+            idxs.append(torch.as_tensor(indices, dtype=torch.long, device=ctx.device))
+        mine, index = torch.cat(feats), torch.cat(idxs)
+        if ctx.world_size > 1:
+            n_max = -(-total // ctx.world_size)
+            padded = torch.zeros((n_max, mine.shape[1]), dtype=mine.dtype, device=ctx.device)
+            padded[: mine.shape[0]] = mine
+            padded_index = torch.full((n_max,), -1, dtype=torch.long, device=ctx.device)
+            padded_index[: index.shape[0]] = index
+            shards = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+            shard_indices = [torch.empty_like(padded_index) for _ in range(ctx.world_size)]
+            dist.all_gather(shards, padded)
+            dist.all_gather(shard_indices, padded_index)
+            mine, index = torch.cat(shards), torch.cat(shard_indices)
+            keep = index >= 0
+            mine, index = mine[keep], index[keep]
+        out = torch.zeros((total, mine.shape[1]), dtype=mine.dtype, device=ctx.device)
+        out[index] = mine
+        return out.cpu()

@@ -3,8 +3,9 @@
 (a) the second evaluation of a model against the first (``oxford_paris_eval.py`` as a user runs it: whole
     processes, wall time), toy ROxf of 2,000 database + 20,000 distractor images at 64 px, ResNet18; plus the
     float16 store's effect on mAP;
-(b) peak memory per rank, 2 gloo processes, N x 2048 synthetic descriptors: the all-gather extraction of
-    ``utils.features.extract_features`` (measured at N/4 and N/2, extrapolated to N: at N = 200k it needs more
+(b) peak memory per rank, 2 gloo processes, N x 2048 synthetic descriptors: the all-gather extraction
+    (``benchmarks.common.gather_all_features``, how PCA learning gathered features before; measured at N/4 and N/2,
+    extrapolated to N: at N = 200k it needs more
     memory than a 24 GiB machine has) against the shards of ``engine.features`` streamed into a +1M-style count
     (``datasets.ranking.HigherCounter``), at N and 2N;
 (c) the paper's table plans (``tools/paper_tables.py``): how many times each model embeds R1M and the SVD videos,
@@ -101,7 +102,6 @@ def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, 
     import argparse as _argparse
 
     from engine.features import Part, PartExtractor
-    from utils.features import extract_features
 
     torch.set_num_threads(1)
     ctx = init_distributed(local_rank, False, dist_url, 0, procs)
@@ -112,7 +112,7 @@ def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, 
             if path == "all-gather":  # today's path: every rank assembles every descriptor, then scores
                 loader = DataLoader(Synthetic(n), batch_size=1024, sampler=torch.utils.data.DistributedSampler(
                     Synthetic(n), procs, local_rank, shuffle=False))
-                feats = extract_features(synthetic_embed, loader, n, ctx, show_progress=False)
+                feats = common.gather_all_features(synthetic_embed, loader, n, ctx)
                 scores = (queries @ torch.nn.functional.normalize(feats, dim=1).T)
                 HigherCounter(scores[:, :8].contiguous(), [8] * 70).add(scores)
             else:  # the store: each rank writes and scores its shards, one at a time

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from utils.runtime import python_rng_state, set_python_rng_state
+from utils.runtime import python_rng_state, seeded_host_rngs, set_python_rng_state
 
 MIN_BATCH = 2  # pairs (or frames) per process and batch
 
@@ -137,8 +137,8 @@ class SeededBatches:
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """``dataset[index]`` drawn with the torch and Python RNGs seeded by the item's own seed, restored afterwards
-    (in a loader worker or in the training process alike)."""
+    """``dataset[index]`` drawn with the Python and torch CPU RNGs seeded by the item's own seed, restored afterwards
+    (in a loader worker or in the training process alike; the GPUs' generators are left alone)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset) -> None:
         self.dataset = dataset
@@ -148,11 +148,5 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(state)
+        with seeded_host_rngs(seed):
+            return self.dataset[index]

@@ -36,6 +36,7 @@ from utils.argtypes import (
 from utils.checkpoint import CheckpointError, describe_non_checkpoint
 from utils.files import sha256_file
 from utils.run_dir import LAST_CHECKPOINT
+from utils.runtime import AMP_CHOICES, AMP_HELP
 
 WEIGHTS_DEFAULT = "/path/to/pretrained_weights"
 
@@ -117,8 +118,7 @@ def add_launch_args(parser: argparse.ArgumentParser, dist_url: str = "env://") -
     group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                        help="auto: every visible GPU if there is one, else the CPU")
     group.add_argument("--seed", type=seed_int, default=0, help="seed of every random generator")
-    group.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                       help="autocast precision of the forward passes (none: fp32, as the paper; fp16 needs a GPU)")
+    group.add_argument("--amp", default="none", choices=list(AMP_CHOICES), help=AMP_HELP)
     group.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     group.add_argument("--trust_checkpoint", action="store_true",
                        help="load weight files with full unpickling, for files you trust that a safe load refuses")
@@ -166,8 +166,17 @@ def add_distill_args(parser: argparse.ArgumentParser, *, arch_default: str, lr_d
     training.add_argument("--log_every", type=nonnegative_int, default=0,
                           help="iterations between log and metrics lines (0: 16 per epoch, as the paper)")
     add_cache_args(training)
+    add_deterministic(training)
     add_launch_args(parser)
     return data, training
+
+
+def add_deterministic(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--deterministic", action="store_true",
+                       help="reproducible GPU results: deterministic algorithms and cuDNN kernels, no cuDNN "
+                            "autotuning, TF32 off (slower, typically 5-20%%). Use it to compare runs bit for bit on "
+                            "one GPU model; a CPU run is reproducible without it. Default: cuDNN autotunes the "
+                            "fixed-size crops")
 
 
 def resume_path(value: str) -> str:
@@ -249,6 +258,7 @@ def add_pca_args(parser: argparse.ArgumentParser, *, p_default: float, batch_def
     data.add_argument("-b", "--batch_size", type=positive_int, default=batch_default,
                       help="images per batch and process")
     add_num_workers(data)
+    add_deterministic(pca)
     add_launch_args(parser)
     return data
 

@@ -39,7 +39,9 @@ from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, set
 from utils.log import progress as progress_bar
 from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_stop_signals
 from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, snapshot_name
-from utils.runtime import autocast, check_amp, rng_state, seed_everything, set_rng_state
+from utils.runtime import autocast, configure_backends, rng_state, seed_everything, set_rng_state
+
+PREFETCH_BATCHES = 4  # per loader worker: enough to ride out a slow JPEG decode without holding much memory
 
 
 @dataclass
@@ -106,12 +108,17 @@ def wrap_distributed(model: DistillModel, ctx: DistContext) -> tuple[nn.Module, 
 def make_loader(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> tuple[DataLoader, SeededBatches]:
     """Every item is loaded with its own seed (``SeededBatches``): the augmentations do not depend on the number of
     workers and a run resumed in the middle of an epoch sees exactly the rest of it. Workers leave SIGTERM/SIGUSR1
-    to the training process, which saves before it stops."""
+    to the training process, which saves before it stops. The workers live as long as the run (the paper's schedule
+    is 3,000 epochs of about 158 iterations: forking 8 workers per GPU every epoch would cost more than an
+    iteration each time) and keep ``PREFETCH_BATCHES`` batches ready each; batches go to pinned memory for
+    asynchronous copies to the GPU."""
     batches = SeededBatches(data.batch_sampler, args.seed)
-    # The loader draws a base seed per epoch; from its own generator, not the global one, so that the random
-    # fusion strategies' stream does not depend on where a run was resumed.
+    workers = args.num_workers > 0
+    # The loader draws a base seed; from its own generator, not the global one, so that the random fusion
+    # strategies' stream does not depend on where a run was resumed.
     loader = DataLoader(SeededItems(data.dataset), batch_sampler=batches, num_workers=args.num_workers,
                         collate_fn=data.collate_fn, pin_memory=ctx.device.type == "cuda",
+                        persistent_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
                         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
     return loader, batches
 
@@ -259,15 +266,16 @@ class Trainer:
         self.model.train()
         self.batches.set_epoch(epoch, skip=progress.iteration)
         n_iters = len(self.loader)
-        batches = iter(self.loader)
+        batches = iter(self.loader)  # with persistent workers: the same workers, told the new epoch's batches
         try:
             return self._run_epoch(epoch, progress, batches, n_iters)
-        finally:
+        except BaseException:
             # A stop, an error or Ctrl-C in the middle of the epoch leaves the workers waiting for work; they ignore
             # SIGTERM (the training process handles it), so they must be told to finish, or the exit waits for them.
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            raise
 
     def _run_epoch(self, epoch: int, progress: EpochProgress, batches: Any, n_iters: int) -> dict[str, Any]:
         args, ctx = self.args, self.ctx
@@ -276,7 +284,7 @@ class Trainer:
         window_loss, window_n = 0.0, 0
         if progress.wins_at_start is None:
             progress.wins_at_start = self.pos_win_count.tolist()
-        window_wins = self.pos_win_count.clone()
+        window_wins = self.pos_win_count.tolist()
         bar = progress_bar(batches, enabled=ctx.is_main and not args.no_progress,
                            total=n_iters - progress.iteration, desc=f"epoch {epoch + 1}/{args.epochs}", unit="it")
         for it, (x1, x2, *cached) in enumerate(bar, start=progress.iteration):
@@ -306,7 +314,7 @@ class Trainer:
                 get_logger().info("epoch %d iter %d/%d loss %.5f lr %.3e %.1f img/s wins %s", epoch + 1, it + 1,
                                   n_iters, record["loss"], lr, record["images_per_s"], record["pos_win_share"])
                 window_loss, window_n = 0.0, 0
-                window_wins = self.pos_win_count.clone()
+                window_wins = self.pos_win_count.tolist()
                 window_meter.reset()
             if it + 1 < n_iters and self.stop is not None and self.stop.agreed(ctx):
                 self.save(epoch, progress)
@@ -314,7 +322,7 @@ class Trainer:
         return {"type": "epoch", "epoch": epoch + 1, "iteration": self.iteration,
                 "loss": progress.loss_sum / n_iters, "lr": self.scheduler.get_last_lr()[0],
                 "images_per_s": epoch_meter.rate,
-                "pos_win_share": self.pos_win_shares_since(torch.tensor(progress.wins_at_start))}
+                "pos_win_share": self.pos_win_shares_since(progress.wins_at_start)}
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor,
              cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
@@ -324,10 +332,10 @@ class Trainer:
         self.iteration += 1
         return loss
 
-    def pos_win_shares_since(self, counts: torch.Tensor) -> dict[str, float] | None:
+    def pos_win_shares_since(self, counts: list[int]) -> dict[str, float] | None:
         """Each teacher's share of the positive wins since the counts were ``counts`` (None for the strategies
-        that do not count: mean, rand)."""
-        delta = (self.pos_win_count - counts).tolist()
+        that do not count: mean, rand). On the host: the counts live on the device, ``counts`` are Python ints."""
+        delta = [now - before for now, before in zip(self.pos_win_count.tolist(), counts)]
         total = sum(delta)
         if total == 0:
             return None
@@ -392,7 +400,7 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     logger.info("world size %d, device %s", ctx.world_size, ctx.device)
     seed_everything(args.seed)  # identical initialisation on every rank
     data = build_data(args, ctx)
-    check_amp(args.amp, ctx.device)
+    configure_backends(ctx.device, args.amp, args.deterministic, fixed_input_size=True)
     cache = getattr(args, "teacher_cache", None)
     if cache:
         data = from_teacher_cache(data, args, ctx)

@@ -39,6 +39,7 @@ from utils.distributed import DistContext, barrier, gather_objects
 from utils.features import PAPER_SCALES
 from utils.files import write_json
 from utils.log import get_logger
+from utils.runtime import configure_backends
 
 
 def require_images(images: ImageList, what: str) -> None:
@@ -111,6 +112,7 @@ def evaluate_images(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
     """Evaluate ``args.dataset`` (one or more names); prints the revisitop lines, writes JSON and pictures on rank 0
     and returns the JSON records."""
     logger = get_logger()
+    configure_backends(ctx.device, args.amp)  # images of varying sizes: no cuDNN autotuning
     embedder = build_embedder(arch=args.arch, resume=args.resume, teacher=args.teacher, pca=args.pca,
                               weights_dir=args.path_to_pretrained_weights, embed_dim=args.embed_dim, gem_p=args.p,
                               trust=args.trust_checkpoint).to(ctx.device)

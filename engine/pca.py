@@ -2,8 +2,11 @@
 
 Faithful to the paper: the teacher in eval mode embeds every image of the set, outputs are
 L2-normalised, and rank 0 fits ``PCAWhitening(teacher.embed_dim, embed_dim)`` and writes the published format.
-Unlike the paper, the sample is drawn from one seeded RNG that is identical on every rank, and features are
-reassembled by dataset index, so no rank's padding or drop ever adds zero rows to the covariance (B11).
+Unlike the paper, the sample is drawn from one seeded RNG that is identical on every rank, every image is embedded
+exactly once over the ranks (no padding or drop ever adds zero or duplicate rows to the covariance, B11), and no
+rank holds the features: each folds its rows into their count, sum and ``X^T X`` (float64), and one all-reduce of
+those 1 + D + D x D numbers gives the mean and covariance (memory independent of the number of images: the
+features of GLDv2-clean's 1.58M images would be 13 GB per copy).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from torch.utils.data import Dataset
 from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
 from models.teachers import build_teacher
 from utils.distributed import DistContext, barrier
-from utils.features import distributed_loader, extract_features
+from utils.features import distributed_loader, feature_moments
 from utils.log import get_logger
+from utils.runtime import configure_backends
 
 T = TypeVar("T")
 
@@ -55,9 +59,10 @@ def learn_pca(teacher_name: str, dataset: Dataset, args: argparse.Namespace, ctx
     """Embed ``dataset`` (items ``(image, index)``) with the teacher and fit/save its PCA layer on rank 0.
 
     Uses ``args``: path_to_pretrained_weights, p, trust_checkpoint, embed_dim, batch_size, num_workers, amp,
-    no_progress, dump_to. Returns the written path on rank 0, ``None`` elsewhere.
+    deterministic, no_progress, dump_to. Returns the written path on rank 0, ``None`` elsewhere.
     """
     logger = get_logger()
+    configure_backends(ctx.device, args.amp, args.deterministic, fixed_input_size=True)
     out = output_path(args, teacher_name)
     teacher = build_teacher(teacher_name, args.path_to_pretrained_weights, gem_p=args.p,
                             trust=args.trust_checkpoint)
@@ -76,16 +81,18 @@ def learn_pca(teacher_name: str, dataset: Dataset, args: argparse.Namespace, ctx
 
     start = time.perf_counter()
     loader = distributed_loader(dataset, ctx, batch_size=args.batch_size, num_workers=args.num_workers)
-    feats = extract_features(lambda x: F.normalize(teacher(x).float(), p=2, dim=-1), loader, n, ctx,
-                             amp=args.amp, show_progress=not args.no_progress, desc=f"{teacher_name} features")
-    logger.info("extracted %d x %d features in %.1f s", feats.shape[0], feats.shape[1], time.perf_counter() - start)
-    if not torch.isfinite(feats).all():
+    moments = feature_moments(lambda x: F.normalize(teacher(x).float(), p=2, dim=-1), loader, ctx, amp=args.amp,
+                              show_progress=not args.no_progress, desc=f"{teacher_name} features")
+    logger.info("embedded %d images (%d-d) in %.1f s", int(moments.count), dim1, time.perf_counter() - start)
+    if int(moments.count) != n:
+        raise RuntimeError(f"PCA learning embedded {int(moments.count)} images, expected {n}")
+    if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.gram).all()):
         raise SystemExit(f"teacher {teacher_name} produced non-finite features; check its weight file"
                          + (" or run without --amp" if args.amp != "none" else ""))
 
     written = None
     if ctx.is_main:
-        layer = PCAWhitening(dim1, args.embed_dim).fit(feats)
+        layer = PCAWhitening(dim1, args.embed_dim).fit_moments(moments.count, moments.total, moments.gram)
         save_pca_layer(layer, out)
         logger.info("kept energy: %.2f %% (%d of %d eigenvalues raised to eps); wrote %s",
                     100.0 * kept_energy(layer), int(layer.n_0), dim1, out)

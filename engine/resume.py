@@ -44,7 +44,7 @@ RESUME_ADJUSTS = frozenset({"epochs", "lr", "weight_decay", "batch_size", "amp",
 RESUME_NO_EFFECT = frozenset({"ckpt_dir", "resume", "overwrite", "num_workers", "path_to_pretrained_weights",
                               "snapshot_step", "log_every", "no_progress", "trust_checkpoint", "device", "dist_url",
                               "nproc_per_node", "rank", "world_size", "start_epoch", "student_init", "warmup_epochs",
-                              "t", "weight_sha256"})
+                              "t", "weight_sha256", "deterministic"})
 TRAINING_STATE = ("epoch", "state_dict", "optimizer", "lr_scheduler", "loss_fn")
 
 

@@ -14,7 +14,6 @@ What it trades: a fresh crop every epoch for K crops per image. Disk: items x K 
 from __future__ import annotations
 
 import argparse
-import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from utils.argtypes import int_at_least, output_dir
 from utils.distributed import DistContext
 from utils.feature_store import StoreEntry
 from utils.log import get_logger
+from utils.runtime import seeded_host_rngs
 
 CACHE_SHARD = 1024  # items per shard
 VIEWS_PER_BATCH = 64  # views embedded per teacher batch
@@ -55,14 +55,8 @@ def view_seed(seed: int, chain: int, item: int, view: int) -> int:
 
 def drawn_view(view: ReplayableView, img: Any, seed: int) -> tuple[list[float], torch.Tensor]:
     """(parameters, pixels) of a view drawn with RNGs seeded by ``seed`` (restored afterwards)."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            params = view.sample(img)
-        finally:
-            random.setstate(state)
+    with seeded_host_rngs(seed):
+        params = view.sample(img)
     return params, view.apply(img, params)
 
 

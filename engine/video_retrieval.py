@@ -30,6 +30,7 @@ from models.embedder import build_embedder
 from utils.distributed import DistContext, barrier
 from utils.files import write_json
 from utils.log import get_logger
+from utils.runtime import configure_backends
 
 
 def evaluation_videos(args: argparse.Namespace) -> tuple[SVDMeta, list[str], list[str], list[str]]:
@@ -63,6 +64,7 @@ def evaluate_videos(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
     """Evaluate every ``args.sim_fn``; prints the paper's line for each and writes JSON on rank 0; returns the
     records."""
     logger = get_logger()
+    configure_backends(ctx.device, args.amp)  # images of varying sizes: no cuDNN autotuning
     meta, queries, labeled, unlabeled = evaluation_videos(args)
     logger.info("SVD: %d queries, %d labeled candidates, %d distractors (%s evaluation)", len(queries), len(labeled),
                 len(unlabeled), "subset" if args.subset_eval else "full")

@@ -61,7 +61,7 @@ class PCAWhitening(nn.Module):
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> PCAWhitening:
         """Learn mean and whitening from (N, dim1) features (already L2-normalised by the caller); returns self."""
-        dim1, dim2 = int(self.dim1), int(self.dim2)
+        dim1 = int(self.dim1)
         if features.dim() != 2 or features.shape[1] != dim1:
             raise ValueError(f"PCA fit expects (N, {dim1}) features, got {tuple(features.shape)}")
         if features.shape[0] < 2:
@@ -69,7 +69,27 @@ class PCAWhitening(nn.Module):
         x = features.to(dtype=torch.float32)
         mean = x.mean(dim=0, keepdim=True)
         centred = x - mean  # a new tensor: the caller's features stay untouched
-        cov = centred.t().mm(centred) / centred.shape[0]
+        return self.fit_covariance(mean, centred.t().mm(centred) / centred.shape[0])
+
+    @torch.no_grad()
+    def fit_moments(self, count: float, total: torch.Tensor, gram: torch.Tensor) -> PCAWhitening:
+        """Learn from the sufficient statistics of N features instead of the features: ``count`` = N, ``total`` =
+        their sum (dim1,), ``gram`` = ``X^T X`` (dim1, dim1), best in float64. The same mean and biased covariance as
+        ``fit`` (to float rounding), in memory independent of N."""
+        dim1 = int(self.dim1)
+        if total.shape != (dim1,) or gram.shape != (dim1, dim1):
+            raise ValueError(f"PCA fit expects moments of {dim1}-d features, got {tuple(total.shape)} and "
+                             f"{tuple(gram.shape)}")
+        if count < 2:
+            raise ValueError(f"PCA fit needs at least 2 samples, got {count:g} (use more --num_samples)")
+        mean = (total.double() / count).unsqueeze(0)
+        cov = gram.double() / count - mean.T @ mean
+        return self.fit_covariance(mean.float(), cov.float())
+
+    @torch.no_grad()
+    def fit_covariance(self, mean: torch.Tensor, cov: torch.Tensor) -> PCAWhitening:
+        """The paper's whitening of a (1, dim1) mean and biased (dim1, dim1) covariance, both float32."""
+        dim1, dim2 = int(self.dim1), int(self.dim2)
         d, v = torch.linalg.eigh(cov)  # ascending eigenvalues
         self.mean.copy_(mean)
         self.d.copy_(d)  # raw eigh output, stored before clamping as in the paper (informational only)

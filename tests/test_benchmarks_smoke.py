@@ -90,3 +90,12 @@ def test_train_step_runs_in_one_and_two_gloo_processes():
         hours = r["schedule_teacher_hours"]
         for k in (4, 8, 16):  # teacher passes: 3,000 epochs x 2 x 81,313 online, 1,580,470 x K cached
             assert hours["online"] / hours[f"cached K={k}"] == pytest.approx(3000 * 2 * 81313 / (1580470 * k))
+
+
+def test_pca_memory_benchmark_runs_both_paths():
+    from benchmarks.pca_memory import main
+
+    rows = main(["--items", "300", "600", "--dim", "64"])
+    paths = [r["path"] for r in rows]
+    assert paths.count("gathered") == 2 and paths.count("moments") == 2 and len(rows) == 6
+    assert all(r["peak_mib"] is None or r["peak_mib"] >= 0 for r in rows)

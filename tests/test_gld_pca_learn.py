@@ -3,6 +3,7 @@ import argparse
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ def one_thread():
 
 def pca_args(**overrides) -> argparse.Namespace:
     args = dict(path_to_pretrained_weights=str(weights_dir(HEAVY)), p=3.0, trust_checkpoint=False, embed_dim=8,
-                batch_size=5, num_workers=0, amp="none", no_progress=True, dump_to=None)
+                batch_size=5, num_workers=0, amp="none", deterministic=False, no_progress=True, dump_to=None)
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -72,6 +73,13 @@ def test_learned_layer_whitens_the_teacher_features(tmp_path):
     y = layer(feats.float()).double()
     cov = (y - y.mean(0)).T @ (y - y.mean(0)) / len(y)
     torch.testing.assert_close(cov, torch.eye(8, dtype=torch.float64), atol=2e-2, rtol=0)
+    # numpy in float64 on the same features: the whitened coordinates, up to each axis's sign (13 images: the top
+    # 8 of 12 non-zero variances are distinct, so their axes are well defined)
+    x = feats.numpy()
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    top = np.argsort(values)[::-1][:8]
+    y_ref = (x - x.mean(0)) @ vectors[:, top] / np.sqrt(values[top])
+    np.testing.assert_allclose(np.abs(y.numpy()), np.abs(y_ref), rtol=0, atol=1e-3 * np.abs(y_ref).max())
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from utils.files import OutputError
+from utils.runtime import check_amp
 
 
 @dataclass
@@ -62,12 +63,14 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
            preflight: Callable[[argparse.Namespace], Any] | None = None) -> None:
     """Run ``main_worker(args, ctx)`` on every rank, starting processes where the launcher did not.
 
-    ``preflight(args)`` runs first in the launching process (each process under torchrun): the checks of files and
+    ``--amp`` is checked against the device first (bf16 on a GPU without it, fp16 on CPU), then ``preflight(args)``
+    runs in the launching process (each process under torchrun): the checks of files and
     flags that must fail before any work. ``user_errors`` (bad files, bad flags) end the process with their one-line
     message instead of a traceback; Ctrl-C ends every process with one line and exit code 130.
     """
     try:
         with _one_line_errors(user_errors):
+            check_amp(getattr(args, "amp", "none"), torch.device("cuda" if _use_cuda(args) else "cpu"))
             if preflight is not None:
                 preflight(args)
             _launch(main_worker, args, user_errors)
@@ -264,13 +267,19 @@ def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, us
 
 def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", rank_offset: int = 0,
                      world_size: int = 1) -> DistContext:
-    """Create the process group (only when world size > 1) and pick this rank's device."""
+    """Create the process group (only when world size > 1) and pick this rank's device.
+
+    The GPU is made this process's current device before the group exists, and ``init_process_group`` gets no
+    ``device_id``: with it, NCCL communication hangs at random on torch 2.6-2.7 (pytorch/pytorch#153960; NVIDIA
+    NeMo stopped passing it for that reason). What it offered, a known device for ``barrier``, ``barrier`` gets
+    from ``device_ids`` here."""
     if dist_url == "env://" and "RANK" in os.environ:
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
     else:
         rank = rank_offset + local_rank
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count())) if use_cuda \
+        else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -278,10 +287,22 @@ def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", 
         kwargs = dict(backend=backend, init_method=dist_url, timeout=datetime.timedelta(minutes=30))
         if dist_url != "env://":
             kwargs.update(rank=rank, world_size=world_size)
-        if use_cuda:
-            kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU of the ``local_rank``-th process of a node that sees ``visible`` GPUs: its own when it sees them all,
+    the only one when the cluster binds one GPU per task (SLURM ``--gpus-per-task=1``, cgroup device limits: every
+    task sees its GPU as 0)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise SystemExit(f"this process is local rank {local_rank} of its node but sees {visible} GPU(s) "
+                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                     f"{visible} process(es) per node (torchrun --nproc_per_node {visible}), or give each task its "
+                     "own GPU")
 
 
 def get_rank() -> int:
@@ -293,8 +314,12 @@ def get_world_size() -> int:
 
 
 def barrier() -> None:
+    """All ranks meet; under NCCL on this process's current GPU (which the process group is never told)."""
     if get_world_size() > 1:
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -310,40 +335,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(shards, x.detach().contiguous())
     shards[get_rank()] = x
     return torch.cat(shards, dim=0)
-
-
-def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate possibly differently sized (along dim 0) tensors from all ranks, without gradient."""
-    world = get_world_size()
-    if world == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-    sizes = [int(s.item()) for s in sizes]
-    max_n = max(sizes)
-    padded = torch.zeros((max_n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    shards = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(shards, padded.contiguous())
-    return torch.cat([s[:n] for s, n in zip(shards, sizes)], dim=0)
-
-
-def gather_by_index(feats: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Assemble a (total, ...) tensor on every rank from per-rank rows and their dataset indices.
-
-    Duplicate indices (from sampler padding) write the same row twice; a missing index is an error, never a
-    silent zero row.
-    """
-    all_feats = all_gather_tensor(feats)
-    all_idx = all_gather_tensor(indices.to(device=feats.device, dtype=torch.long))
-    out = torch.zeros((total, *feats.shape[1:]), dtype=feats.dtype, device=feats.device)
-    out.index_copy_(0, all_idx, all_feats)
-    seen = torch.zeros(total, dtype=torch.bool, device=feats.device)
-    seen[all_idx] = True
-    if not bool(seen.all()):
-        missing = torch.nonzero(~seen).flatten()[:5].tolist()
-        raise RuntimeError(f"feature gathering lost {int((~seen).sum())} item(s), e.g. indices {missing}")
-    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

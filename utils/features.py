@@ -1,20 +1,21 @@
 """Distributed feature extraction shared by the PCA-learning and evaluation scripts.
 
-Each rank embeds its share of the dataset; rows are reassembled by dataset index on every rank, so the padding
-a distributed sampler adds never yields duplicate or zero rows.
+Each rank embeds its share of the dataset; for PCA learning the rows are folded into sufficient statistics
+(``feature_moments``), summed over the ranks by one all-reduce.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.distributed import DistContext, gather_by_index
+from utils.distributed import DistContext, gather_objects
 from utils.log import Throughput, progress
 from utils.runtime import autocast, release_freed_memory
 
@@ -26,14 +27,11 @@ TRIM_EVERY = 64  # batches between returns of freed heap memory (utils.runtime.r
 
 def distributed_loader(dataset: Dataset, ctx: DistContext, batch_size: int = 1, num_workers: int = 0,
                        collate_fn: Callable | None = None) -> DataLoader:
-    """In-order loader over this rank's share (padded by the sampler; duplicates are harmless here)."""
-    sampler = None
-    if ctx.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False,
-                                     drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                      pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn,
-                      persistent_workers=False)
+    """In-order loader over this rank's share, items ``rank, rank + world_size, ...``: every item exactly once over
+    all ranks (no padding, so no duplicate is ever counted twice; ranks may differ by one item)."""
+    share = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.distributed else dataset
+    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn)
 
 
 def multiscale(embed: EmbedFn, x: torch.Tensor, scales: Sequence[float] = PAPER_SCALES,
@@ -70,16 +68,42 @@ def embedded_batches(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: 
         yield out.float(), rest
 
 
-@torch.inference_mode()
-def extract_features(embed: EmbedFn, loader: DataLoader, total: int, ctx: DistContext, amp: str = "none",
-                     show_progress: bool = True, desc: str = "extract") -> torch.Tensor:
-    """Embed every item of ``loader`` (which yields ``(images, indices)``) -> (total, D) float32 CPU tensor.
+@dataclass
+class Moments:
+    """The sufficient statistics of a set of rows for their mean and covariance: count, sum and ``X^T X`` in
+    float64, whatever the number of rows (1 + D + D x D numbers)."""
 
-    The result is identical on every rank. ``embed`` maps a batch on ``ctx.device`` to (B, D). Every rank has at
-    least one item: the distributed sampler pads.
-    """
-    feats, idxs = [], []
-    for out, (indices,) in embedded_batches(embed, loader, ctx, amp, show_progress, desc):
-        feats.append(out)
-        idxs.append(torch.as_tensor(indices, dtype=torch.long, device=ctx.device))
-    return gather_by_index(torch.cat(feats), torch.cat(idxs), total).cpu()
+    count: float
+    total: torch.Tensor  # (D,)
+    gram: torch.Tensor  # (D, D)
+
+
+@torch.inference_mode()
+def feature_moments(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: str = "none",
+                    show_progress: bool = True, desc: str = "extract") -> Moments:
+    """The moments of ``embed`` over every item of ``loader`` (this rank's share, ``distributed_loader``), summed
+    over all ranks by one all-reduce; the same on every rank, on the host.
+
+    Memory does not grow with the number of items: each batch is folded into the sums and dropped (the features of
+    GLDv2-clean's 1.58M images at 2048-d would be 13 GB on every rank)."""
+    count, total, gram = 0, None, None
+    for out, _ in embedded_batches(embed, loader, ctx, amp, show_progress, desc):
+        x = out.double()
+        if gram is None:
+            total = torch.zeros(x.shape[1], dtype=torch.float64, device=ctx.device)
+            gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=ctx.device)
+        count += x.shape[0]
+        total += x.sum(dim=0)
+        gram.addmm_(x.T, x)
+    dims = [d for d in gather_objects(None if gram is None else gram.shape[0], ctx) if d is not None]
+    if not dims:
+        raise ValueError("no features were extracted: the dataset is empty")
+    if gram is None:  # a rank without items (fewer items than ranks) still takes part in the sum
+        total = torch.zeros(dims[0], dtype=torch.float64, device=ctx.device)
+        gram = torch.zeros(dims[0], dims[0], dtype=torch.float64, device=ctx.device)
+    flat = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=ctx.device), total, gram.flatten()])
+    if ctx.distributed:
+        dist.all_reduce(flat)
+    flat = flat.cpu()
+    d = total.shape[0]
+    return Moments(float(flat[0]), flat[1:1 + d], flat[1 + d:].view(d, d))

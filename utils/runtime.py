@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import random
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -17,6 +19,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Python's and torch's CPU generators seeded with ``seed`` inside, restored afterwards: what an item's
+    augmentation draws from (the transforms use both). The GPUs' generators are never touched: ``torch.manual_seed``
+    would reseed them too, and with loading in the training process the fusion strategies' draws on the GPU would
+    then depend on the last item loaded."""
+    python_state = random.getstate()
+    torch_state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
 
 
 def python_rng_state(rng: random.Random | Any = random) -> list[Any]:
@@ -51,19 +70,56 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     set_python_rng_state(random, state["python"])
 
 
-AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"none": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = tuple(AMP_DTYPES)
+AMP_HELP = ("precision of the forward passes. none: true float32 everywhere, as the paper's V100s (no TF32 on "
+            "Ampere/Hopper either); tf32: float32 with TF32 tensor cores for convolutions and matrix products (GPU "
+            "only, about 10 mantissa bits, several times faster on A100/H100); bf16 / fp16: autocast (fp16 GPU only, "
+            "with a gradient scaler in training). The loss is always computed in float32")
+CUBLAS_DETERMINISTIC = ":4096:8"  # the workspace setting cuBLAS needs for reproducible results (CUDA >= 10.2)
 
 
 def check_amp(amp: str, device: torch.device) -> None:
     """Fail early (before models are built) on an ``--amp`` the device cannot run."""
-    if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a GPU; use --amp bf16 on CPU.")
+    if amp in ("fp16", "tf32") and device.type != "cuda":
+        raise SystemExit(f"--amp {amp} needs a GPU; use --amp none or bf16 on CPU.")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise SystemExit(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support (it needs "
+                         "compute capability 8.0, Ampere, or newer); use --amp fp16.")
+
+
+def configure_backends(device: torch.device, amp: str, deterministic: bool = False,
+                       fixed_input_size: bool = False) -> None:
+    """The numerics of this process's GPU kernels, set once per rank before any model runs.
+
+    * TF32 only with ``--amp tf32``: ``--amp none`` is true float32 (the paper's V100s have no TF32; PyTorch
+      enables it for cuDNN convolutions by default on Ampere and newer, so without this ``none`` would not be
+      float32 there); ``deterministic`` turns it off too.
+    * ``deterministic``: deterministic algorithms where PyTorch has them (a warning names an operation that has
+      none), cuDNN's deterministic kernels without autotuning, and cuBLAS's fixed workspace; a run is then
+      reproducible bit for bit on the same GPU model, software and number of processes.
+    * otherwise cuDNN autotuning where every batch has one size (training crops, PCA crops): it picks the fastest
+      convolution kernels once per shape; evaluation images vary in size, where it would tune for every image.
+    """
+    check_amp(amp, device)
+    tf32 = amp == "tf32" and not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = fixed_input_size and device.type == "cuda"
 
 
 def autocast(amp: str, device: torch.device) -> AbstractContextManager:
-    """Autocast context for ``--amp``; ``none`` is a no-op (exact fp32)."""
+    """Autocast context for ``--amp``; ``none`` and ``tf32`` are no-ops (float32; TF32 is a backend setting)."""
     check_amp(amp, device)
-    if amp == "none":
+    if amp in ("none", "tf32"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
