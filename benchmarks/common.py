@@ -321,3 +321,22 @@ def gather_all_features(embed: Callable[[torch.Tensor], torch.Tensor], loader: A
         out = torch.zeros((total, mine.shape[1]), dtype=mine.dtype, device=ctx.device)
         out[index] = mine
         return out.cpu()
+
+
+# ------------------------------------------------------------------------------------- synthetic descriptors
+class Synthetic(torch.utils.data.Dataset):
+    """N items; an item is its index (the 'image'), so the embedding costs nothing but memory."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([float(i)]), i
+
+
+def synthetic_embed(x: torch.Tensor, dim: int = 2048) -> torch.Tensor:
+    """Deterministic (B, dim) descriptors of the indices ``x`` (B, 1)."""
+    return torch.sin(x * 0.001 + torch.arange(dim, dtype=torch.float32) * 0.37)

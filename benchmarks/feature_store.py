@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from benchmarks import common
 from datasets.ranking import HigherCounter
@@ -80,24 +80,6 @@ def second_evaluation(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------ (b)
-class Synthetic(Dataset):
-    """N items; an item is its index (the 'image'), so the embedding costs nothing but memory."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.tensor([float(i)]), i
-
-
-def synthetic_embed(x: torch.Tensor, dim: int = 2048) -> torch.Tensor:
-    """Deterministic (B, dim) descriptors of the indices ``x`` (B, 1)."""
-    return torch.sin(x * 0.001 + torch.arange(dim, dtype=torch.float32) * 0.37)
-
-
 def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, store: str, result: str) -> None:
     import argparse as _argparse
 
@@ -106,20 +88,21 @@ def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, 
     torch.set_num_threads(1)
     ctx = init_distributed(local_rank, False, dist_url, 0, procs)
     common.map_large_allocations()
-    queries = torch.nn.functional.normalize(synthetic_embed(torch.arange(70.0)[:, None] * 997), dim=1)
+    queries = torch.nn.functional.normalize(common.synthetic_embed(torch.arange(70.0)[:, None] * 997), dim=1)
     try:
         with common.PeakMemory(torch.device("cpu")) as mem:
             if path == "all-gather":  # today's path: every rank assembles every descriptor, then scores
-                loader = DataLoader(Synthetic(n), batch_size=1024, sampler=torch.utils.data.DistributedSampler(
-                    Synthetic(n), procs, local_rank, shuffle=False))
-                feats = common.gather_all_features(synthetic_embed, loader, n, ctx)
+                items = common.Synthetic(n)
+                loader = DataLoader(items, batch_size=1024, sampler=torch.utils.data.DistributedSampler(
+                    items, procs, local_rank, shuffle=False))
+                feats = common.gather_all_features(common.synthetic_embed, loader, n, ctx)
                 scores = (queries @ torch.nn.functional.normalize(feats, dim=1).T)
                 HigherCounter(scores[:, :8].contiguous(), [8] * 70).add(scores)
             else:  # the store: each rank writes and scores its shards, one at a time
                 args = _argparse.Namespace(feature_cache=store, cache_dtype="float32", refresh_cache=False,
                                            num_workers=0, amp="none", no_progress=True)
-                extractor = PartExtractor(synthetic_embed, ctx, args, {"model": "synthetic"})
-                part = Part(f"synthetic {n}", Synthetic(n), [str(i) for i in range(n)], {}, batch_size=1024)
+                extractor = PartExtractor(common.synthetic_embed, ctx, args, {"model": "synthetic"})
+                part = Part(f"synthetic {n}", common.Synthetic(n), [str(i) for i in range(n)], {}, batch_size=1024)
                 counter = HigherCounter(queries[:, :8].contiguous(), [8] * 70)
                 for shard in extractor.shards(part):
                     counter.add(queries @ torch.nn.functional.normalize(shard.feats, dim=1).T)

@@ -23,7 +23,6 @@ if __package__ in (None, ""):
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from benchmarks import common
 from utils.distributed import free_port, init_distributed
@@ -35,23 +34,9 @@ COLUMNS = [("path", "path", ""), ("items", "N", ",d"), ("features_mib", "N x D f
            ("peak_mib", "peak per rank (MiB)", ".1f"), ("of_gather", "of the gathered path", ".1%")]
 
 
-class Indices(Dataset):
-    """Item i: (its index as a 1-element image, i), embedded by ``synthetic_embed``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.tensor([float(i)]), i
-
-
 def synthetic_embed(dim: int):
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(torch.sin(x * 0.001 + torch.arange(dim, dtype=torch.float32) * 0.37), dim=-1)
-    return embed
+    """``common.synthetic_embed`` L2-normalised, as a teacher's features are before PCA learning."""
+    return lambda x: F.normalize(common.synthetic_embed(x, dim), dim=-1)
 
 
 def _rank(local_rank: int, path: str, n: int, dim: int, dist_url: str, result: str) -> None:
@@ -62,13 +47,14 @@ def _rank(local_rank: int, path: str, n: int, dim: int, dist_url: str, result: s
         embed = synthetic_embed(dim)
         with common.PeakMemory(torch.device("cpu")) as mem:
             if path == "gathered":  # every rank assembles every feature, as PCA learning did before
-                loader = torch.utils.data.DataLoader(Indices(n), batch_size=256, sampler=torch.utils.data.
-                                                     DistributedSampler(Indices(n), WORLD, local_rank, shuffle=False))
+                items = common.Synthetic(n)
+                loader = torch.utils.data.DataLoader(items, batch_size=256, sampler=torch.utils.data.DistributedSampler(
+                    items, WORLD, local_rank, shuffle=False))
                 feats = common.gather_all_features(embed, loader, n, ctx)
                 x = feats - feats.mean(0, keepdim=True)
                 _ = x.T @ x / n
             else:
-                loader = distributed_loader(Indices(n), ctx, batch_size=256)
+                loader = distributed_loader(common.Synthetic(n), ctx, batch_size=256)
                 moments = feature_moments(embed, loader, ctx, show_progress=False)
                 _ = moments.gram / moments.count
         peaks: list = [None] * WORLD

@@ -174,9 +174,8 @@ def add_distill_args(parser: argparse.ArgumentParser, *, arch_default: str, lr_d
 def add_deterministic(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--deterministic", action="store_true",
                        help="reproducible GPU results: deterministic algorithms and cuDNN kernels, no cuDNN "
-                            "autotuning, TF32 off (slower, typically 5-20%%). Use it to compare runs bit for bit on "
-                            "one GPU model; a CPU run is reproducible without it. Default: cuDNN autotunes the "
-                            "fixed-size crops")
+                            "autotuning, TF32 off (slower). Use it to compare runs bit for bit on one GPU model; a CPU "
+                            "run is reproducible without it. Default: cuDNN autotunes the fixed-size crops")
 
 
 def resume_path(value: str) -> str:

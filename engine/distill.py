@@ -270,12 +270,16 @@ class Trainer:
         try:
             return self._run_epoch(epoch, progress, batches, n_iters)
         except BaseException:
-            # A stop, an error or Ctrl-C in the middle of the epoch leaves the workers waiting for work; they ignore
-            # SIGTERM (the training process handles it), so they must be told to finish, or the exit waits for them.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            self.stop_workers()
             raise
+
+    def stop_workers(self) -> None:
+        """End the loader's worker processes. They ignore SIGTERM (the training process handles it), and persistent
+        workers outlive an epoch: a stop, an error, Ctrl-C or the run's end must tell them, or the exit waits."""
+        batches = getattr(self.loader, "_iterator", None)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def _run_epoch(self, epoch: int, progress: EpochProgress, batches: Any, n_iters: int) -> dict[str, Any]:
         args, ctx = self.args, self.ctx
@@ -420,24 +424,27 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     start_epoch, progress = args.start_epoch, EpochProgress()
     if ckpt is not None:
         start_epoch, progress = trainer.resume(ckpt, resume_from)
-    with StopRequest() as stop:
-        trainer.stop = stop
-        try:
-            for epoch in range(start_epoch, args.epochs):
-                start = time.perf_counter()
-                record = trainer.train_epoch(epoch, progress if epoch == start_epoch else None)
-                record["seconds"] = time.perf_counter() - start
-                trainer.save(epoch)
-                trainer.metrics.write(record)
-                logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, args.epochs,
-                            record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
-                if epoch + 1 < args.epochs and stop.agreed(ctx):
-                    raise Stopped(epoch + 1, 0)
-        except Stopped as where:
-            logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",
-                           stop.received, where, ckpt_dir / LAST_CHECKPOINT)
-            requeue = stop.previous_handler()
-            if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
-                requeue(stop.received, None)
-            raise SystemExit(EXIT_PREEMPTED) from None
+    try:
+        with StopRequest() as stop:
+            trainer.stop = stop
+            try:
+                for epoch in range(start_epoch, args.epochs):
+                    start = time.perf_counter()
+                    record = trainer.train_epoch(epoch, progress if epoch == start_epoch else None)
+                    record["seconds"] = time.perf_counter() - start
+                    trainer.save(epoch)
+                    trainer.metrics.write(record)
+                    logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, args.epochs,
+                                record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
+                    if epoch + 1 < args.epochs and stop.agreed(ctx):
+                        raise Stopped(epoch + 1, 0)
+            except Stopped as where:
+                logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",
+                               stop.received, where, ckpt_dir / LAST_CHECKPOINT)
+                requeue = stop.previous_handler()
+                if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
+                    requeue(stop.received, None)
+                raise SystemExit(EXIT_PREEMPTED) from None
+    finally:
+        trainer.stop_workers()
     return trainer

@@ -292,19 +292,36 @@ def as_rank(argv: list[str]) -> None:
         init(*args, **kwargs)
 
     dist.init_process_group = gloo_group
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter"):
-        original = getattr(dist, name)
+    inside_object_collective = [0]  # those place their own buffers (in host memory under gloo, by design)
 
-        def strict(*args: object, _original=original, _name=name, **kwargs: object) -> object:
-            device = dist.get_backend() and os.environ.get("GPU_CHECK_DEVICE", "cpu")
+    def strict(name: str, original: Callable) -> Callable:
+        def collective(*args: object, **kwargs: object) -> object:
             tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, list) else [a])
                        if isinstance(t, torch.Tensor)]
-            if device == "cuda" and any(not t.is_cuda for t in tensors):
-                raise RuntimeError(f"{_name} was handed a tensor in host memory (NCCL refuses it)")
-            return _original(*args, **kwargs)
+            if not inside_object_collective[0] and any(not t.is_cuda for t in tensors):
+                raise RuntimeError(f"{name} was handed a tensor in host memory (NCCL refuses it)")
+            return original(*args, **kwargs)
+        return collective
 
-        setattr(dist, name, strict)
-        setattr(dist.distributed_c10d, name, strict)
+    def objects(original: Callable) -> Callable:
+        def collective(*args: object, **kwargs: object) -> object:
+            inside_object_collective[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside_object_collective[0] -= 1
+        return collective
+
+    if os.environ.get("GPU_CHECK_DEVICE") == "cuda":  # on the CPU the device harness does this job
+        c10d = dist.distributed_c10d
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter"):
+            wrapped = strict(name, getattr(c10d, name))
+            setattr(c10d, name, wrapped)
+            setattr(dist, name, wrapped)
+        for name in ("all_gather_object", "broadcast_object_list", "gather_object"):
+            wrapped = objects(getattr(c10d, name))
+            setattr(c10d, name, wrapped)
+            setattr(dist, name, wrapped)
     sys.argv = argv
     runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
 
