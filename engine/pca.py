@@ -83,7 +83,8 @@ def learn_pca(teacher_name: str, dataset: Dataset, args: argparse.Namespace, ctx
     loader = distributed_loader(dataset, ctx, batch_size=args.batch_size, num_workers=args.num_workers)
     moments = feature_moments(lambda x: F.normalize(teacher(x).float(), p=2, dim=-1), loader, ctx, amp=args.amp,
                               show_progress=not args.no_progress, desc=f"{teacher_name} features")
-    logger.info("embedded %d images (%d-d) in %.1f s", int(moments.count), dim1, time.perf_counter() - start)
+    logger.info("extracted %d x %d features in %.1f s (folded into their sums)", int(moments.count), dim1,
+                time.perf_counter() - start)
     if int(moments.count) != n:
         raise RuntimeError(f"PCA learning embedded {int(moments.count)} images, expected {n}")
     if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.gram).all()):

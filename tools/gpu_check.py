@@ -183,6 +183,9 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
     check.step("2 ranks: gld_pca_learn.py", lambda: check.script(
         "gld_pca_learn.py", "-t", TEACHERS[0], "--gld_root_path", work / "gld", "--imsize", CROP, "--num_samples", 7,
         "-b", 2, "--dump_to", work / "pca_two_ranks.pt", *weights, *common, launcher=ranks) and None)
+    check.step("2 ranks: svd_pca_learn.py", lambda: check.script(
+        "svd_pca_learn.py", "-t", TEACHERS[0], "-dm", work / "svd" / "svd.yaml", "--frames_per_video", 2,
+        "--dump_to", work / "svd_pca_two_ranks.pt", *weights, *common, launcher=ranks) and None)
     check.step("2 ranks: gld_distill.py online, -s maxrand", lambda: finished(distill(
         "two_ranks", "-b", 2, "-s", "maxrand", launcher=ranks)))
     cached = ["-b", 2, "--teacher_cache", work / "cache_two", "--teacher_views", 2]

@@ -270,9 +270,9 @@ def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", 
     """Create the process group (only when world size > 1) and pick this rank's device.
 
     The GPU is made this process's current device before the group exists, and ``init_process_group`` gets no
-    ``device_id``: with it, NCCL communication hangs at random on torch 2.6-2.7 (pytorch/pytorch#153960; NVIDIA
-    NeMo stopped passing it for that reason). What it offered, a known device for ``barrier``, ``barrier`` gets
-    from ``device_ids`` here."""
+    ``device_id``: with it, NCCL communication hangs at random on torch 2.6-2.7 (pytorch/pytorch#153960; NVIDIA's
+    NeMo Automodel stopped passing it for that reason). What it offered, a known device for ``barrier``, the
+    barrier gets from ``device_ids`` (``barrier`` below)."""
     if dist_url == "env://" and "RANK" in os.environ:
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
