@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 from datasets.sampler import SeededBatches, SeededItems
 from datasets.transforms import ReplayableView
 from engine.cli import check_weight_files
-from engine.resume import adjust_to_flags, check_run_dir, newest_checkpoint, prepare_run_dir, read_training_checkpoint
+from engine.resume import (
+    adjust_to_flags,
+    check_run_dir,
+    newest_checkpoint,
+    prepare_run_dir,
+    read_training_checkpoint,
+    settle_run_dir,
+)
 from engine.teacher_cache import CachedItems, TeacherCache
 from models.distill_model import DistillationLoss, DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
@@ -251,7 +258,6 @@ class Trainer:
             logger.warning("resume: %s", note)
         where = f", iteration {progress.iteration} of epoch {epoch + 1}" if progress.iteration else ""
         logger.info("resumed from %s at epoch %d%s (iteration %d)", path, epoch, where, self.iteration)
-        self.metrics.write({"type": "resume", "epoch": epoch, "iteration": self.iteration, "checkpoint": str(path)})
         if self.ctx.is_main and not progress.iteration and epoch % self.args.snapshot_step == 0:
             snapshot = Path(self.args.ckpt_dir) / snapshot_name(epoch)
             if not snapshot.exists():  # killed before it was written (older runs wrote it after checkpoint_last)
@@ -424,6 +430,12 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     start_epoch, progress = args.start_epoch, EpochProgress()
     if ckpt is not None:
         start_epoch, progress = trainer.resume(ckpt, resume_from)
+    if ctx.is_main:
+        for note in settle_run_dir(args, ckpt):
+            logger.info(note)
+    if ckpt is not None:
+        trainer.metrics.write({"type": "resume", "epoch": start_epoch, "iteration": trainer.iteration,
+                               "checkpoint": str(resume_from)})
     try:
         with StopRequest() as stop:
             trainer.stop = stop

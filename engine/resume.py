@@ -17,7 +17,7 @@ import torch
 
 from utils.checkpoint import CheckpointError, load_file
 from utils.config import dump_args, to_plain
-from utils.files import stale_temporaries
+from utils.files import read_jsonl, stale_temporaries
 from utils.run_dir import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
@@ -86,6 +86,11 @@ def check_run_dir(args: argparse.Namespace) -> None:
     """Before any work: a fresh run never writes into a folder that holds a run, and a resume is refused here (before
     anything is written) when the checkpoint's run differs in a flag of RESUME_MUST_MATCH or in its weight files."""
     ckpt_dir = Path(args.ckpt_dir)
+    try:
+        read_jsonl(ckpt_dir / METRICS_FILE)
+    except ValueError as exc:
+        raise SystemExit(f"{exc}: the run's metrics are damaged (its checkpoints are not): delete or mend that line, "
+                         "then run again") from None
     path = newest_checkpoint(args)
     outside = path is not None and path.resolve().parent != ckpt_dir.resolve()
     if (path is None and args.resume is None) or outside:
@@ -128,8 +133,9 @@ def _shown(value: Any) -> str:
 
 def prepare_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None, resumed_from: Path | None
                     ) -> list[str]:
-    """Rank 0, after the checks: --overwrite's clean-up, config.yaml, and metrics consistent with the resumed
-    state (records of iterations that will run again are dropped). Returns what it did, for the log."""
+    """Rank 0, after the checks: --overwrite's clean-up and the temporaries of a killed write. Returns what it did,
+    for the log. The run's record (config.yaml, metrics) is left as it is until the resume has been accepted
+    (``settle_run_dir``): a refused resume changes nothing."""
     ckpt_dir = Path(args.ckpt_dir)
     notes = []
     if args.overwrite and (resumed_from is None or resumed_from.resolve().parent != ckpt_dir.resolve()):
@@ -139,18 +145,24 @@ def prepare_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None, resum
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in stale_temporaries(ckpt_dir):  # left by a run killed while writing
         stale.unlink(missing_ok=True)
-    dump_args(args, ckpt_dir / CONFIG_FILE)
     epoch = int(ckpt["epoch"]) if ckpt else 0
     newer = [snapshots(ckpt_dir)[e].name for e in sorted(snapshots(ckpt_dir)) if e > epoch]
     if newer:
         notes.append(f"resuming at epoch {epoch}: the newer snapshot(s) {', '.join(newer)} are replaced as training "
                      "reaches them")
-    dropped = truncate_metrics(ckpt_dir, int(ckpt.get("iteration", 0)) if ckpt else 0)
-    if dropped:
-        notes.append(f"{METRICS_FILE}: dropped {dropped} record(s) of iterations after the resumed state "
-                     "(they run again)")
     return notes
 
+
+def settle_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> list[str]:
+    """Rank 0, once the run starts or its resume has been accepted: config.yaml with the flags the run goes on with,
+    and metrics consistent with the resumed state (records of iterations that will run again are dropped, a torn
+    last line mended). Returns what it did, for the log."""
+    ckpt_dir = Path(args.ckpt_dir)
+    dump_args(args, ckpt_dir / CONFIG_FILE)
+    dropped = truncate_metrics(ckpt_dir, int(ckpt.get("iteration", 0)) if ckpt else 0)
+    if dropped:
+        return [f"{METRICS_FILE}: dropped {dropped} record(s) of iterations after the resumed state (they run again)"]
+    return []
 
 
 def adjust_to_flags(args: argparse.Namespace, ckpt: dict[str, Any], optimizer: torch.optim.Optimizer,

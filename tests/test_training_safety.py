@@ -203,6 +203,51 @@ def test_metrics_stay_consistent_with_the_resumed_state(finished, tmp_path):
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]
 
 
+def test_a_torn_last_metrics_line_is_mended_when_nothing_is_dropped(finished, tmp_path):
+    """A kill in the middle of an append, at a checkpoint that needs no record dropped: the torn text must not be
+    continued by the next record (the run could no longer resume, the plot no longer read it)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "iter", "iteration": 4, "tor')
+    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # every line whole
+    assert [r["iteration"] for r in records if r["type"] == "iter"] == [1, 2, 3, 4, 5, 6]
+    again = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 4))
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("line", ['{"type": "iter", "iteration": 9, garbage}', "[1, 2]"])
+def test_a_damaged_metrics_line_is_one_line_before_any_work(finished, tmp_path, line):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    text = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(text[:2] + [line + "\n"] + text[2:]))
+    before = snapshot_bytes(run)
+    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
+    one_line_failure(res, "metrics.jsonl:3")
+    assert snapshot_bytes(run) == before
+    plot = run_script("tools/plot_metrics.py", run)
+    assert plot.returncode == 1 and "Traceback" not in plot.stderr and "metrics.jsonl:3" in plot.stderr
+
+
+def test_a_refused_mid_epoch_resume_leaves_the_config_as_it_was(finished, tmp_path):
+    """A checkpoint written in the middle of an epoch resumes with the same -b only; the refusal (after the model is
+    built) must not have rewritten config.yaml with the refused flags."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    ckpt = load_file(run / "checkpoint_1.pt")
+    ckpt.update(epoch_iteration=1, epoch_progress={"iteration": 1, "loss_sum": 0.5, "wins_at_start": [0, 0]})
+    for stale in ("checkpoint_2.pt", "checkpoint_last.pt"):
+        (run / stale).unlink()
+    torch.save(ckpt, run / "checkpoint_last.pt")
+    before = (run / "config.yaml").read_bytes()
+    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "-b", 2))
+    one_line_failure(res, "middle of epoch")
+    assert (run / "config.yaml").read_bytes() == before
+
+
 # ----------------------------------------------------------------------------------------------- interrupts
 def test_ctrl_c_ends_with_one_line_and_exit_130(tmp_path):
     ckpt_dir = tmp_path / "run"

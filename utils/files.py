@@ -95,7 +95,8 @@ def _finite(value: Any) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn last line (a kill during an append) is not a record."""
+    """The records (JSON objects) of a JSON-lines file; a torn last line (a kill during an append) is not a record.
+    Any other line that is not a JSON object is a ``ValueError`` naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -105,11 +106,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # only the line being appended when the writer died can be torn
                 break
             raise ValueError(f"{path}:{i + 1} is not a JSON record: {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{i + 1} is not a JSON object: {line[:80]!r}")
+        records.append(record)
     return records
 
 

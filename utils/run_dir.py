@@ -66,6 +66,7 @@ def truncate_metrics(ckpt_dir: str | os.PathLike, iteration: int) -> int:
         return 0
     records = read_jsonl(path)
     kept = [r for r in records if int(r.get("iteration", 0)) <= iteration]
-    if len(kept) != len(records) or path.read_text().count("\n") != len(records):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    canonical = "".join(json.dumps(r) + "\n" for r in kept)
+    if len(kept) != len(records) or path.read_text() != canonical:  # also a torn last line: the next append
+        write_text(path, canonical)  # would continue it, and the file could no longer be read
     return len(records) - len(kept)
