@@ -90,6 +90,11 @@ def read_image_ids(root: str | Path, ids_name: str = IDS_NAME) -> list[str]:
     ids = [line.strip() for line in read_text(path, GLDDataError, "GLDv2 id list").splitlines() if line.strip()]
     if not ids:
         raise GLDDataError(f"{path} lists no image ids")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise GLDDataError(f"{path} lists image id {twice} more than once ({len(ids) - len(set(ids))} repeated "
+                           "line(s)); an image would count twice: keep one line per id")
     return ids
 
 

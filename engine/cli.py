@@ -20,6 +20,8 @@ from models.pca_layer import load_pca_layer, pca_weight_path
 from models.students import check_student_arch
 from models.teachers import TEACHER_FILES, TEACHERS
 from utils.argtypes import (
+    INPUT_TYPES,
+    PathCheckingParser,
     checked_by,
     existing_dir,
     existing_file,
@@ -53,7 +55,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+    return PathCheckingParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
 def groups(parser: argparse.ArgumentParser, *names: str) -> list[argparse._ArgumentGroup]:
@@ -181,6 +183,9 @@ def add_deterministic(group: argparse._ArgumentGroup) -> None:
 def resume_path(value: str) -> str:
     """``-r``: ``auto`` or a checkpoint file that exists."""
     return value if value == "auto" else existing_file(value)
+
+
+INPUT_TYPES.add(resume_path)
 
 
 def check_embed_dim(parser: argparse.ArgumentParser, embed_dim: int, teachers: list[str]) -> None:

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from datasets.svd.meta import SVDMeta, SVDMetaError, ordered_union, read_id_file  # noqa: E402
-from utils.argtypes import existing_file, finite_float, int_at_least, output_file  # noqa: E402
+from utils.argtypes import PathCheckingParser, existing_file, finite_float, int_at_least, output_file  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.log import progress  # noqa: E402
 
@@ -36,7 +36,7 @@ TMP_PREFIX = ".tmp-"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = PathCheckingParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", type=existing_file, metavar="FILE",
                         help="SVD metadata yaml with video_root_paths, frame_root_path and frame_count_file")

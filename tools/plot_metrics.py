@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.argtypes import existing_dir, output_file  # noqa: E402
+from utils.argtypes import PathCheckingParser, existing_dir, output_file  # noqa: E402
 from utils.files import read_jsonl  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
 
@@ -22,7 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = PathCheckingParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt_dir", type=existing_dir, help="checkpoint folder of a training run (-c)")
     parser.add_argument("--out", type=output_file, default=None, help="PNG to write (default: CKPT_DIR/metrics.png)")
     return parser

@@ -143,3 +143,36 @@ def checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
 
     parse.__name__ = getattr(check, "__name__", "value")
     return parse
+
+
+# What a path flag is to its script, for ``PathCheckingParser``: read (inputs) or written over (output files; an
+# output folder may also be read from, e.g. archives laid out where they lie, and only gains files).
+INPUT_TYPES: set[Callable] = {existing_file, existing_dir}
+OUTPUT_TYPES: set[Callable] = {output_file}
+
+
+class PathCheckingParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that refuses, as a usage error before any work, an output file (a flag of type
+    ``output_file``) that is also one of the run's input paths (``existing_file``/``existing_dir``,
+    or a type added to ``INPUT_TYPES``): ``--output_json CKPT -r CKPT`` would replace the checkpoint with JSON."""
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's own signature
+        parsed, rest = super().parse_known_args(args, namespace)
+        inputs, outputs = {}, {}
+        for action in self._actions:
+            values = getattr(parsed, action.dest, None)
+            values = values if isinstance(values, list) else [values]
+            for value in values:
+                if not isinstance(value, str) or not value:
+                    continue
+                flag = "/".join(action.option_strings) or action.dest
+                if action.type in OUTPUT_TYPES:
+                    outputs.setdefault(os.path.realpath(value), (flag, value))
+                elif action.type in INPUT_TYPES and os.path.exists(value):
+                    inputs.setdefault(os.path.realpath(value), (flag, value))
+        for path, (flag, value) in outputs.items():
+            if path in inputs:
+                self.error(f"{flag} {value} is also the input {inputs[path][0]} {inputs[path][1]}: an output never "
+                           "replaces an input; give another path")
+        return parsed, rest
+

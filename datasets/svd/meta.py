@@ -72,12 +72,18 @@ def read_groundtruth(path: str | os.PathLike) -> tuple[list[str], list[str], Gro
 
 
 def read_frame_counts(path: str | os.PathLike) -> dict[str, int]:
-    """``video_id count`` per line -> {video_id: count}."""
+    """``video_id count`` per line -> {video_id: count}; a video listed twice is an error (which count is right?)."""
     counts: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     for lineno, line in enumerate(_lines(path), 1):
         fields = line.split()
         if not fields:
             continue
+        if fields[0] in first_line:
+            raise SVDMetaError(f"{path}:{lineno}: video {fields[0]!r} is listed again (first on line "
+                               f"{first_line[fields[0]]}); keep one line per video, e.g. extract its frames again "
+                               "with tools/extract_svd_frames.py")
+        first_line[fields[0]] = lineno
         try:
             if len(fields) != 2:
                 raise ValueError
