@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from engine.features import Part, PartExtractor, model_components
 from models.embedder import build_embedder
 from utils.distributed import DistContext, barrier, gather_objects
 from utils.features import PAPER_SCALES
-from utils.files import write_json
+from utils.files import fingerprint, write_json
 from utils.log import get_logger
 from utils.runtime import configure_backends
 
@@ -50,11 +51,15 @@ def require_images(images: ImageList, what: str) -> None:
                            f"{images.where}")
 
 
-def image_protocol(args: argparse.Namespace, crop: bool = False) -> dict:
-    """What of the protocol changes an image's descriptor (the store key; --crop_queries only for queries)."""
+def image_protocol(args: argparse.Namespace, crop: bool = False, boxes: list | None = None) -> dict:
+    """What of the protocol changes an image's descriptor (the store key): the flags, the data root (another root
+    holds other images under the same names) and, for cropped queries, the boxes read from the ground truth."""
     protocol = {"imsize": args.imsize, "multiscale": args.multiscale,
-                "scales": list(PAPER_SCALES) if args.multiscale else [1.0], "amp": args.amp, "input": "imagenet"}
-    return {**protocol, "crop_queries": True} if crop else protocol
+                "scales": list(PAPER_SCALES) if args.multiscale else [1.0], "amp": args.amp, "input": "imagenet",
+                "data_root": str(Path(args.data_path).resolve()) if getattr(args, "data_path", None) else None}
+    if crop:
+        protocol.update(crop_queries=True, boxes=fingerprint([[float(v) for v in box] for box in boxes or []]))
+    return protocol
 
 
 @dataclass
@@ -124,8 +129,9 @@ def evaluate_images(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
     parts = {}
     for ds in datasets:
         queries = ds.queries(transform, args.imsize, crop=args.crop_queries)
+        boxes = [g["bbx"] for g in ds.gnd] if args.crop_queries else None
         parts[ds.name] = {"query": Part(f"{ds.name} queries", queries, ds.qimlist,
-                                              image_protocol(args, args.crop_queries)),
+                                              image_protocol(args, args.crop_queries, boxes)),
                           "database": Part(f"{ds.name} database", ds.database(transform, args.imsize),
                                                  ds.imlist, image_protocol(args))}
     distractors = None

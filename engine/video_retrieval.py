@@ -10,6 +10,7 @@ the unlabeled ones, only counted above each relevant video's score. No rank hold
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from datasets.transforms import svd_test_transform
 from engine.features import Part, PartExtractor, Shard, model_components
 from models.embedder import build_embedder
 from utils.distributed import DistContext, barrier
-from utils.files import write_json
+from utils.files import fingerprint, write_json
 from utils.log import get_logger
 from utils.runtime import configure_backends
 
@@ -49,10 +50,14 @@ def check_frames(args: argparse.Namespace) -> None:
         meta.check_frames_on_disk(ids, meta.check_videos(ids, role), role, max_frames=args.max_frames)
 
 
-def video_protocol(args: argparse.Namespace) -> dict:
-    """What of the protocol changes a video's frame features (the store key)."""
+def video_protocol(args: argparse.Namespace, frame_counts: list[int] | None = None,
+                   frame_root: str | None = None) -> dict:
+    """What of the protocol changes a video's frame features (the store key): the flags, and the frames read: the
+    folder of the frames and each video's frame count (frames extracted again at another rate change both)."""
     return {"max_frames": args.max_frames, "stride": args.stride, "crop_size": args.crop_size,
-            "input_norm": args.input_norm, "amp": args.amp}
+            "input_norm": args.input_norm, "amp": args.amp,
+            "frame_root": str(Path(frame_root).resolve()) if frame_root else None,
+            "frame_counts": fingerprint(frame_counts) if frame_counts is not None else None}
 
 
 def _reduce(ctx: DistContext):
@@ -80,7 +85,8 @@ def evaluate_videos(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
     def part(name: str, ids: list[str], role: str) -> Part:
         counts = meta.check_videos(ids, role)
         videos = VideoFrames(meta.frame_root, ids, counts, transform, args.max_frames, args.stride)
-        return Part(name, videos, ids, video_protocol(args), videos=True, batch_size=args.batch_size,
+        return Part(name, videos, ids, video_protocol(args, counts, meta.frame_root), videos=True,
+                    batch_size=args.batch_size,
                     collate_fn=video_collate)
 
     def descriptors(feats: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:

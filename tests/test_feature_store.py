@@ -282,3 +282,40 @@ def test_extraction_gives_freed_heap_memory_back(monkeypatch):
     loader = [(torch.zeros(1, 2), torch.tensor([i])) for i in range(2 * utils.features.TRIM_EVERY + 1)]
     assert len(list(utils.features.embedded_batches(lambda x: x, loader, DistContext(), show_progress=False))) == 129
     assert len(calls) == 2
+
+
+def test_edited_query_boxes_are_not_answered_from_the_store(toy, tmp_path):
+    """--crop_queries reads the boxes of the ground truth: after they change, the store must not answer with the
+    old crops' descriptors (the key named the image list and flags, not the boxes)."""
+    import pickle
+
+    data = tmp_path / "data"  # a copy: the module's toy data stay as they are
+    shutil.copytree(toy / "data", data)
+    shutil.copy(toy / "student.pt", tmp_path / "student.pt")
+    run = lambda out: evaluate(tmp_path, out, "--crop_queries", "--feature_cache", tmp_path / "fc")  # noqa: E731
+    first = run(tmp_path / "first.json")
+    gnd_path = data / "roxford5k" / "gnd_roxford5k.pkl"
+    gnd = pickle.loads(gnd_path.read_bytes())
+    for g in gnd["gnd"]:
+        x1, y1, x2, y2 = (float(v) for v in g["bbx"])
+        g["bbx"] = [x1, y1, x1 + (x2 - x1) / 2 + 1, y1 + (y2 - y1) / 2 + 1]  # a quarter of each box
+    gnd_path.write_bytes(pickle.dumps(gnd))
+    cached = run(tmp_path / "cached.json")
+    fresh = evaluate(tmp_path, tmp_path / "fresh.json", "--crop_queries")
+    assert without_store_info(cached) == without_store_info(fresh)
+    assert cached["feature_store"]["extracted"] == ["roxford5k queries"]  # the database is still read back
+    assert without_store_info(first) != without_store_info(fresh)  # the boxes did change the result
+
+
+def test_another_data_root_or_other_frame_counts_make_another_key(toy, tmp_path):
+    from engine.video_retrieval import video_protocol
+
+    args = key_args(toy, data_path=str(toy / "data"))
+    base = keys(args)
+    shutil.copytree(toy / "data", tmp_path / "data")
+    moved = keys(key_args(toy, data_path=str(tmp_path / "data")))
+    assert moved[0] != base[0] and moved[1] != base[1]
+    flags = argparse.Namespace(max_frames=60, stride=1, crop_size=224, input_norm="none", amp="none")
+    counts = fingerprint(video_protocol(flags, [10, 20, 30], "frames"))
+    assert fingerprint(video_protocol(flags, [10, 20, 31], "frames")) != counts  # one video's frames changed
+    assert fingerprint(video_protocol(flags, [10, 20, 30], "other_frames")) != counts
