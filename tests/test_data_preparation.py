@@ -114,6 +114,32 @@ def test_every_frame_and_resume_skip_complete_videos(svd_videos, tmp_path):
     assert not list((tmp_path / "frames").glob(".tmp-*"))
 
 
+def test_another_rate_never_mixes_with_the_videos_already_complete(svd_videos, tmp_path):
+    """Killed at --fps 0 and rerun at --fps 1, the complete videos kept every frame while the others got one per
+    second, and the frame-count file mixed both."""
+    root, info, rates, corrupt = svd_videos
+    import yaml
+
+    meta = tmp_path / "svd.yaml"
+    config = yaml.safe_load((root / "svd.yaml").read_text())
+    config.update(frame_root_path=str(tmp_path / "frames"), frame_count_file=str(tmp_path / "counts"))
+    meta.write_text(yaml.safe_dump(config))
+    run = lambda *flags: run_script("tools/extract_svd_frames.py", "-dm", meta, "--jobs", 1,  # noqa: E731
+                                    "--no_progress", *flags)
+    assert run("--fps", 0).returncode == 0
+    every = read_frame_counts(tmp_path / "counts")
+    shutil.rmtree(tmp_path / "frames" / next(iter(every)))  # as if killed before the last video
+    refused = run("--fps", 1)
+    assert refused.returncode == 1 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert read_frame_counts(tmp_path / "counts") == every  # nothing written
+    assert len([p for p in (tmp_path / "frames").iterdir() if not p.name.startswith(".")]) == len(every) - 1
+    redone = run("--fps", 1, "--overwrite")
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    assert read_frame_counts(tmp_path / "counts") == {vid: 3 for vid in rates}  # t = 0, 1, 2 s, every video
+    again = run("--fps", 1)
+    assert again.returncode == 0 and f"{len(rates)} already complete" in again.stdout
+
+
 # ----------------------------------------------------------------------------------------------------- GLDv2
 def test_gld_tree_with_a_missing_and_a_corrupt_image_gives_filtered_lists(tmp_path):
     root = tmp_path / "gld"

@@ -9,12 +9,15 @@ requirements-video.txt``) and written as ``{frame_root_path}/{video_id}/{i:04d}.
 
 The extraction rate is not in the paper's code: 1 frame per second by default, the common choice for
 near-duplicate video retrieval (``--fps 0``: every frame). A video is written into a temporary folder and renamed
-when complete, so a killed run resumes where it stopped (complete videos are skipped). A missing or undecodable
-video is listed in the report file and the summary, never dropped silently; ``--strict`` makes it an error.
+when complete, after a record of its ``--fps`` and ``--quality`` (``{frame_root_path}/.extraction/<id>.json``): a
+killed run resumes where it stopped (complete videos are skipped), and a rerun with another rate never mixes rates:
+it stops before any work unless ``--overwrite`` extracts those videos again. A missing or undecodable video is
+listed in the report file and the summary, never dropped silently; ``--strict`` makes it an error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -37,7 +40,7 @@ TMP_PREFIX = ".tmp-"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = PathCheckingParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("-dm", "--dataset_meta", default="config/svd.yaml", type=existing_file, metavar="FILE",
                         help="SVD metadata yaml with video_root_paths, frame_root_path and frame_count_file")
     parser.add_argument("--fps", type=finite_float(0.0), default=1.0,
@@ -49,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the list of videos not extracted, with the reason (default: <frame_count_file>"
                              ".report.txt)")
     parser.add_argument("--strict", action="store_true", help="a missing or undecodable video is an error")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="extract again the complete videos that were extracted with another --fps or --quality "
+                             "(default: refuse to mix them, before any work)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -84,6 +90,25 @@ def index_videos(roots: list[str]) -> dict[str, Path]:
     return found
 
 
+RECORDS = ".extraction"  # under the frame root, <video id>.json: how that video's frames were made
+
+
+def extraction_record(fps: float, quality: int) -> dict:
+    return {"fps": float(fps), "quality": int(quality)}
+
+
+def record_path(folder: Path) -> Path:
+    return folder.parent / RECORDS / f"{folder.name}.json"
+
+
+def recorded(folder: str) -> dict | None:
+    """The record of a complete video folder (None: made by a version that kept none)."""
+    try:
+        return json.loads(record_path(Path(folder)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def extract_video(video: Path, folder: Path, fps: float, quality: int) -> tuple[int, str | None]:
     """Decode ``video`` into ``folder`` (renamed from a temporary folder when complete): (frames, error)."""
     import av
@@ -113,6 +138,8 @@ def extract_video(video: Path, folder: Path, fps: float, quality: int) -> tuple[
     except Exception as exc:  # any decoding failure of one video is reported, the others go on
         shutil.rmtree(tmp, ignore_errors=True)
         return 0, f"undecodable ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+    # the record first: a kill before the folder's rename leaves a record without a folder, redone next time
+    write_text(record_path(folder), json.dumps(extraction_record(fps, quality)))
     os.replace(tmp, folder)
     return count, None
 
@@ -155,6 +182,21 @@ def main(argv: list[str] | None = None) -> dict:
     frame_root.mkdir(parents=True, exist_ok=True)
     for stale in frame_root.glob(f"{TMP_PREFIX}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
+    complete = [str(frame_root / v) for v in videos if (frame_root / v).is_dir()]
+    wanted = extraction_record(args.fps, args.quality)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        records = dict(zip(complete, pool.map(recorded, complete, chunksize=max(1, len(complete) // (8 * args.jobs)))))
+    other = [f for f, r in records.items() if r is not None and r != wanted]
+    if other and not args.overwrite:
+        raise SystemExit(f"extract_svd_frames.py: error: {len(other)} complete video(s) in {frame_root} were extracted "
+                         f"with {records[other[0]]} (e.g. {Path(other[0]).name}), not {wanted}: rerun with their "
+                         "--fps/--quality to complete them, or pass --overwrite to extract those videos again")
+    for folder in other:
+        shutil.rmtree(folder)
+    unrecorded = sum(r is None for r in records.values())
+    if unrecorded:
+        print(f"note: {unrecorded} complete video folder(s) have no record of their --fps/--quality (extracted by an "
+              "older version); they are kept as they are", flush=True)
     print(f"{len(videos)} videos in the metadata, {len(files)} .mp4 files in {len(roots)} folders; frames at "
           f"{'every frame' if args.fps == 0 else f'{args.fps:g} fps'} into {frame_root}", flush=True)
     jobs = [(v, str(files[v]) if v in files else None, str(frame_root / v), args.fps, args.quality) for v in videos]
