@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import CHEAP_TEACHERS, ROOT, run_script, toy_gld, weights_dir
 
-from datasets.gld import image_path, read_groups
+from datasets.gld import image_path, read_groups, read_image_ids
 from datasets.svd.meta import read_frame_counts
 from datasets.toy import make_toy_revisitop, make_toy_revisitop1m, make_toy_svd
 from models.teachers import TEACHER_FILES
@@ -141,6 +141,25 @@ def test_another_rate_never_mixes_with_the_videos_already_complete(svd_videos, t
 
 
 # ----------------------------------------------------------------------------------------------------- GLDv2
+def test_filtered_lists_follow_the_images_once_they_are_restored(tmp_path):
+    """The lists of usable images stayed as the first check wrote them after the missing image came back, while the
+    tool said every image is present."""
+    root = tmp_path / "gld"
+    shutil.copytree(toy_gld(n_landmarks=8, imgs_per_landmark=3, size=48, seed=1, n_singletons=1), root)
+    victim = read_groups(root)[0][0]
+    saved = image_path(root, victim).read_bytes()
+    image_path(root, victim).unlink()
+    first = run_script("tools/prepare_gld.py", "--gld_root_path", root, "--jobs", 2, "--no_progress")
+    assert first.returncode == 0 and victim not in (root / "meta" / "train_clean_available_ids.txt").read_text()
+    image_path(root, victim).write_bytes(saved)
+    second = run_script("tools/prepare_gld.py", "--gld_root_path", root, "--jobs", 2, "--no_progress")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "every image is present" in second.stdout
+    listed = (root / "meta" / "train_clean_available_ids.txt").read_text().split()
+    assert victim in listed and sorted(listed) == sorted(read_image_ids(root))
+    assert read_groups(root, csv_name="meta/train_clean_available.csv") == read_groups(root)
+
+
 def test_gld_tree_with_a_missing_and_a_corrupt_image_gives_filtered_lists(tmp_path):
     root = tmp_path / "gld"
     shutil.copytree(toy_gld(n_landmarks=8, imgs_per_landmark=3, size=48, seed=1, n_singletons=1), root)

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (root / IDS_NAME).is_file():
         write_text(root / IDS_NAME, "".join(f"{i}\n" for i in images))
         print(f"wrote {root / IDS_NAME} ({len(images)} ids)", flush=True)
-    if missing or corrupt or repeated:
+    stale = (root / AVAILABLE_CSV).is_file() or (root / AVAILABLE_IDS).is_file()  # from a check before a repair
+    if missing or corrupt or repeated or stale:
         usable = [i for _, g in usable_rows for i in g]
         write_text(root / AVAILABLE_CSV, "landmark_id,images\n" + "".join(
             f"{lm},{' '.join(g)}\n" for lm, g in usable_rows if g))
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {root / AVAILABLE_CSV} and {root / AVAILABLE_IDS}: {len(set(usable))} usable images, "
               f"{summary['usable_landmarks_with_2_images']} landmarks with >= 2 of them. Train on them with "
               f"--gld_csv {AVAILABLE_CSV} / --gld_ids {AVAILABLE_IDS}", flush=True)
-    else:
+    if not (missing or corrupt or repeated):
         print("every image is present" + (" and decodes" if args.verify_images else ""), flush=True)
     return summary
 
