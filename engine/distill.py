@@ -360,11 +360,20 @@ def from_teacher_cache(data: TrainData, args: argparse.Namespace, ctx: DistConte
     n_items = len(data.dataset)
     cache = TeacherCache(args, n_items, data.fingerprint, data.load_item, data.views)
     if not broadcast_object(cache.complete if ctx.is_main else None):  # one decision for all ranks
-        get_logger().info("teacher cache %s: building %d view(s) of %d items", args.teacher_cache,
-                          args.teacher_views, n_items)
-        state = rng_state(ctx.device)  # the build leaves the RNGs as it found them: the student starts the same
-        teachers = build_teachers(args).to(ctx.device)
-        cache.build(teachers, ctx)
+        with StopRequest() as stop:  # a build takes hours: a cluster's stop keeps the finished shards
+            get_logger().info("teacher cache %s: building %d view(s) of %d items", args.teacher_cache,
+                              args.teacher_views, n_items)
+            state = rng_state(ctx.device)  # the build leaves the RNGs as it found them: the student starts the same
+            teachers = build_teachers(args).to(ctx.device)
+            cache.build(teachers, ctx, stop)
+            if stop.agreed(ctx):
+                get_logger().warning("stopped on signal %s while building the teacher cache %s: its finished shards "
+                                     "are kept; the same command (with -r auto) continues it", stop.received,
+                                     args.teacher_cache)
+                requeue = stop.previous_handler()
+                if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
+                    requeue(stop.received, None)
+                raise SystemExit(EXIT_PREEMPTED)
         del teachers
         set_rng_state(state, ctx.device)
     else:

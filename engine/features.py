@@ -105,9 +105,13 @@ class PartExtractor:
     """Embeds or reads the shards of parts for one model, on every rank. ``model``: the store key's model
     components (``model_components``; hashing the files is needed only with a store)."""
 
-    def __init__(self, embed: EmbedFn, ctx: DistContext, args: argparse.Namespace, model: dict[str, Any]) -> None:
+    def __init__(self, embed: EmbedFn, ctx: DistContext, args: argparse.Namespace, model: dict[str, Any],
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.embed, self.ctx, self.args, self.model = embed, ctx, args, model
         self.report = StoreReport()
+        # asked after each embedded shard (this rank's own answer: no collective); True ends the embedding, the
+        # finished shards stay in the store and the entry stays incomplete, to be continued by a later run
+        self.should_stop = should_stop
 
     def entry(self, part: Part) -> StoreEntry | None:
         if self.args.feature_cache is None:
@@ -138,11 +142,14 @@ class PartExtractor:
                 logger.info("%s: %d items, %d of %d shards to embed%s", part.name, len(part.names), len(todo),
                             n_shards, where)
         (self.report.read if complete else self.report.extracted).append(part.name)
-        dim = None
+        dim, stopped = None, False
         for shard in self._embedded(part, entry, todo[ctx.rank::ctx.world_size]):
             dim = shard.feats.shape[1]
             yield shard
-        for s in sorted(done)[ctx.rank::ctx.world_size]:
+            if self.should_stop is not None and self.should_stop():
+                stopped = True
+                break
+        for s in [] if stopped else sorted(done)[ctx.rank::ctx.world_size]:
             feats, lengths = entry.read_shard(s)
             start, end = entry.bounds(s)
             dim = feats.shape[1]
@@ -150,8 +157,9 @@ class PartExtractor:
                         None if lengths is None else torch.from_numpy(lengths).to(ctx.device))
         barrier()
         if entry is not None and not complete:
-            dims = [d for d in gather_objects(dim, ctx) if d is not None]
-            if ctx.is_main:
+            answers = gather_objects((dim, stopped), ctx)
+            dims = [d for d, _ in answers if d is not None]
+            if ctx.is_main and (len(entry.done_shards()) == entry.n_shards or not any(s for _, s in answers)):
                 entry.finish(dims[0])
 
     def _embedded(self, part: Part, entry: StoreEntry | None, shards: list[int]) -> Iterator[Shard]:

@@ -30,6 +30,7 @@ from utils.argtypes import int_at_least, output_dir
 from utils.distributed import DistContext
 from utils.feature_store import StoreEntry
 from utils.log import get_logger
+from utils.preemption import StopRequest
 from utils.runtime import seeded_host_rngs
 
 CACHE_SHARD = 1024  # items per shard
@@ -114,17 +115,25 @@ class TeacherCache:
     def complete(self) -> bool:
         return all(entry.complete for entry in self.entries())
 
-    def build(self, teachers: WhitenedTeachers, ctx: DistContext) -> None:
-        """Embed the missing shards of every chain (all ranks); the entries are complete when this returns."""
+    def build(self, teachers: WhitenedTeachers, ctx: DistContext, stop: StopRequest | None = None) -> bool:
+        """Embed the missing shards of every chain (all ranks). Returns True when the entries are complete; False
+        after a stop signal (each rank ends after its current shard, all ranks agree before the next chain; the
+        finished shards are kept and a later build continues)."""
         def embed(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([F.normalize(t, dim=-1) for t in teachers(x)], dim=1)
 
-        extractor = PartExtractor(embed, ctx, self.store_args, self.model)
+        should_stop = (lambda: stop.received is not None) if stop is not None else None
+        extractor = PartExtractor(embed, ctx, self.store_args, self.model, should_stop)
         with torch.inference_mode():
             for chain in range(len(self.chains)):
+                if stop is not None and stop.agreed(ctx):  # a collective: every rank asks once per chain
+                    break
                 for _ in extractor.shards(self.part(chain)):
                     pass
-        get_logger().info("teacher cache complete: %s", ", ".join(str(e.folder) for e in self.entries()))
+        complete = all(entry.complete for entry in self.entries())
+        if complete:
+            get_logger().info("teacher cache complete: %s", ", ".join(str(e.folder) for e in self.entries()))
+        return complete
 
 
 class CachedViews:

@@ -182,6 +182,34 @@ def test_a_killed_build_resumes_from_its_shards_to_the_same_cache(tmp_path, monk
         np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
 
 
+def test_a_stop_signal_ends_the_build_after_a_shard_and_the_next_build_continues(tmp_path, monkeypatch):
+    """SIGTERM/SIGUSR1 during an hours-long build: the current shard is finished and kept, the build returns
+    without completing the entry, and the next build embeds the rest only, to the same cache."""
+    from utils.preemption import StopRequest
+
+    small_shards(monkeypatch)
+    args = cache_args(tmp_path / "stopped")
+    teachers = build_teachers(args)
+    cache = make_cache(args)
+    with StopRequest() as stop:
+        def signalled(x):  # the signal arrives while shard 0 is embedded
+            stop.received = signal.SIGUSR1
+            return teachers(x)
+
+        assert cache.build(signalled, DistContext(), stop) is False
+    entry = cache.entries()[0]
+    assert sorted(entry.done_shards()) == [0] and not entry.complete
+    calls = []
+    assert cache.build(teachers_counting(teachers, calls), DistContext()) is True
+    assert len(calls) == 4  # shards 1 and 2 only
+    fresh = make_cache(cache_args(tmp_path / "fresh"))
+    fresh.build(teachers, DistContext())
+    continued, expected = shard_files(entry), shard_files(fresh.entries()[0])
+    assert continued.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(continued[name], expected[name], err_msg=name)
+
+
 def teachers_counting(teachers, calls):
     def counted(x):
         calls.append(x.shape[0])
@@ -254,6 +282,34 @@ def cached_run(tmp_path_factory):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "building 2 view(s) of 16 items" in res.stdout
     return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_the_cache_build_exits_75_and_the_same_command_continues(cached_run, tmp_path, sig):
+    """Before, SIGTERM/SIGUSR1 during the build ended the job with 143/138 and no word, and the sbatch examples
+    requeue only on 75."""
+    ckpt = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, distill(ckpt, tmp_path / "cache"))], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "building 2 view(s)" in line:
+                proc.send_signal(sig)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "Traceback" not in err and "while building the teacher cache" in out + err
+    assert not (ckpt / "checkpoint_last.pt").exists()
+    res = run_script(*distill(ckpt, tmp_path / "cache", "-r", "auto"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(cached_run / "run" / "checkpoint_last.pt"), load_file(ckpt / "checkpoint_last.pt")
+    for key, value in a["state_dict"].items():  # the same cache, the same training
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
