@@ -42,6 +42,7 @@ from models.students import CHECKPOINT_PREFIX, build_student, student_checkpoint
 from utils.checkpoint import CheckpointError, load_state_strict, save_atomic
 from utils.config import to_plain
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
+from utils.locks import lock_for_job
 from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
 from utils.log import progress as progress_bar
 from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_stop_signals
@@ -405,6 +406,17 @@ def run_distillation(args: argparse.Namespace, ctx: DistContext,
     SIGTERM/SIGUSR1 stop every rank after the same iteration: checkpoint_last.pt is written (in the middle of the
     epoch), a handler installed before (submitit's requeue) runs, and the processes exit with ``EXIT_PREEMPTED``;
     ``-r auto`` resumes at the next iteration."""
+    ckpt_dir = Path(args.ckpt_dir)
+    run_lock = lock_for_job(ckpt_dir, "the run folder -c/--ckpt_dir", ctx.is_main)  # one job writes a run
+    try:
+        return _run_distillation(args, ctx, build_data)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _run_distillation(args: argparse.Namespace, ctx: DistContext,
+                      build_data: Callable[[argparse.Namespace, DistContext], TrainData]) -> Trainer:
     ckpt_dir = Path(args.ckpt_dir)
     resume_from = broadcast_object(newest_checkpoint(args) if ctx.is_main else None)  # rank 0 decides for all
     ckpt = read_training_checkpoint(resume_from, args.trust_checkpoint) if resume_from is not None else None

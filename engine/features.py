@@ -24,6 +24,7 @@ from utils.distributed import DistContext, barrier, broadcast_object, gather_obj
 from utils.feature_store import DTYPES, StoreEntry, items_fingerprint
 from utils.features import EmbedFn, embedded_batches
 from utils.files import sha256_file
+from utils.locks import lock_for_job
 from utils.log import get_logger
 
 # Images per shard. Small enough that every rank of an 8-GPU node has shards of ROxford's 4,993 database images
@@ -124,8 +125,19 @@ class PartExtractor:
     def shards(self, part: Part) -> Iterator[Shard]:
         """This rank's shards of ``part``, in no particular order; the store entry is complete once all ranks have
         exhausted the iterator (call it on every rank)."""
-        ctx, logger = self.ctx, get_logger()
+        ctx = self.ctx
         entry = self.entry(part)
+        writes = entry is not None and broadcast_object((self.args.refresh_cache or not entry.complete)
+                                                        if ctx.is_main else None)
+        lock = lock_for_job(entry.folder, "the feature-store entry", ctx.is_main) if writes else None
+        try:
+            yield from self._shards(part, entry)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _shards(self, part: Part, entry: StoreEntry | None) -> Iterator[Shard]:
+        ctx, logger = self.ctx, get_logger()
         if entry is not None and self.args.refresh_cache and ctx.is_main:
             entry.clear()
         barrier()

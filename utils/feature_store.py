@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from utils.files import atomic_write, fingerprint, write_json
+from utils.locks import LOCK_NAME
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -109,9 +110,14 @@ class StoreEntry:
         return done
 
     def clear(self) -> None:
-        """Forget the entry (``--refresh_cache``): its folder is deleted."""
-        if self.folder.is_dir():
-            shutil.rmtree(self.folder)
+        """Forget the entry (``--refresh_cache``): its files are deleted, but for the lock of the job that clears
+        it (``utils.locks``)."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name == LOCK_NAME:
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     # ------------------------------------------------------------------------------------------ write, read
     def write_shard(self, shard: int, feats: np.ndarray, lengths: np.ndarray | None = None,
