@@ -22,6 +22,7 @@ from models.students import load_student  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher  # noqa: E402
 from utils.argtypes import existing_dir, positive_int  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import sha256_file  # noqa: E402
 
 SVD_TEACHERS = ("mocov3", "barlowtwins")
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

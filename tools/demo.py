@@ -46,6 +46,7 @@ from models.students import build_student, student_checkpoint_state  # noqa: E40
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.argtypes import int_at_least, positive_int, seed_int  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import atomic_write, read_jsonl, write_json, write_text  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
@@ -293,4 +294,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

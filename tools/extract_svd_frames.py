@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,10 @@ if str(ROOT) not in sys.path:
 
 from datasets.svd.meta import SVDMeta, SVDMetaError, ordered_union, read_id_file  # noqa: E402
 from utils.argtypes import PathCheckingParser, existing_file, finite_float, int_at_least, output_file  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.log import progress  # noqa: E402
+from utils.workers import worker_pool  # noqa: E402
 
 INSTALL = "pip install -r requirements-video.txt"
 TMP_PREFIX = ".tmp-"
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(stale, ignore_errors=True)
     complete = [str(frame_root / v) for v in videos if (frame_root / v).is_dir()]
     wanted = extraction_record(args.fps, args.quality)
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with worker_pool(args.jobs) as pool:
         records = dict(zip(complete, pool.map(recorded, complete, chunksize=max(1, len(complete) // (8 * args.jobs)))))
     other = [f for f, r in records.items() if r is not None and r != wanted]
     if other and not args.overwrite:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'every frame' if args.fps == 0 else f'{args.fps:g} fps'} into {frame_root}", flush=True)
     jobs = [(v, str(files[v]) if v in files else None, str(frame_root / v), args.fps, args.quality) for v in videos]
     counts, failures, extracted, start = {}, {}, 0, time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with worker_pool(args.jobs) as pool:
         results = pool.map(_job, jobs, chunksize=max(1, min(64, len(jobs) // (8 * args.jobs) or 1)))
         for vid, count, error, now in progress(results, enabled=not args.no_progress, total=len(jobs),
                                                desc="videos", unit="video"):
@@ -229,4 +230,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from models.released import RELEASED_STUDENTS, released_checkpoint  # noqa: E402
 from utils.argtypes import output_dir  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import write_json  # noqa: E402
 
 IMAGE_TEACHERS = ["resnet101_gem", "resnet101_ap_gem", "resnet101_solar", "resnet101_delg", "resnet101_dolg"]
@@ -214,4 +215,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.argtypes import PathCheckingParser, existing_dir, output_file  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import read_jsonl  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
 
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +22,10 @@ if str(ROOT) not in sys.path:
 
 from datasets.gld import CSV_NAME, IDS_NAME, GLDDataError, image_path, read_landmarks  # noqa: E402
 from utils.argtypes import existing_dir, int_at_least  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.log import progress  # noqa: E402
+from utils.workers import worker_pool  # noqa: E402
 
 AVAILABLE_CSV = "meta/train_clean_available.csv"
 AVAILABLE_IDS = "meta/train_clean_available_ids.txt"
@@ -64,9 +65,8 @@ def _decodes(block: list[str]) -> list[bool]:
 
 def check_all(paths: list[str], fn, jobs: int, processes: bool, desc: str, show: bool) -> list[bool]:
     blocks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    pool_type = ProcessPoolExecutor if processes else ThreadPoolExecutor
     out: list[bool] = []
-    with pool_type(max_workers=jobs) as pool:
+    with worker_pool(jobs, processes) as pool:
         for block in progress(pool.map(fn, blocks), enabled=show, total=len(blocks), desc=desc,
                               unit=f"x{CHUNK} files"):
             out.extend(block)
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

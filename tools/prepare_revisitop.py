@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:
 
 from datasets.oxford_paris import DATASETS, DISTRACTORS, DatasetError, load_ground_truth  # noqa: E402
 from utils.argtypes import existing_dir, output_dir  # noqa: E402
-from utils.files import OutputError, atomic_write, files_exist, read_text  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
+from utils.files import OutputError, atomic_write, files_exist, read_text, stale_temporaries  # noqa: E402
 from utils.log import progress  # noqa: E402
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -158,10 +159,16 @@ def check_r1m(data: Path) -> list[str]:
     except DatasetError as exc:
         return [str(exc)]
     folder = data / DISTRACTORS / "jpg"
-    present = set()
+    present, removed = set(), 0
     for top, _, files in os.walk(folder):
         rel = Path(top).relative_to(folder)
-        present.update(str(PurePosixPath(*rel.parts, f)) for f in files)
+        for stale in stale_temporaries(top):  # a killed --extract's half-written images: ours to remove
+            stale.unlink(missing_ok=True)
+            removed += 1
+        kept = [f for f in files if not (f.startswith(".") and f.endswith(".tmp"))]
+        present.update(str(PurePosixPath(*rel.parts, f)) for f in kept)
+    if removed:
+        print(f"{DISTRACTORS}: removed {removed} temporary file(s) left by a killed extraction", flush=True)
     listed = set(names)
     missing = [n for n in names if n not in present]
     unexpected = sorted(present - listed)
@@ -196,4 +203,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

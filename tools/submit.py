@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
 from utils.argtypes import int_at_least, output_dir  # noqa: E402
+from utils.distributed import run_tool  # noqa: E402
 
 SCRIPTS = ("gld_pca_learn.py", "svd_pca_learn.py", "gld_distill.py", "svd_distill.py", "oxford_paris_eval.py",
            "svd_eval.py")
@@ -149,4 +150,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -82,6 +82,15 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 
 
+def run_tool(main: Callable[[], Any]) -> None:
+    """A tool's entry point: Ctrl-C is one line and exit code 130, as in the six scripts (``launch``)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
 def _prog() -> str:
     return os.path.basename(sys.argv[0]) or "python"
 
