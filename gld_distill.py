@@ -25,6 +25,7 @@ from engine.teacher_cache import cached_halves_collate
 from utils.argtypes import positive_float, positive_int
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext, launch
+from utils.feature_store import StoreError
 from utils.files import fingerprint
 
 
@@ -66,7 +67,7 @@ def check_gld(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch(main_worker, parse_args(argv), user_errors=(GLDDataError, CheckpointError), preflight=check_gld)
+    launch(main_worker, parse_args(argv), user_errors=(GLDDataError, CheckpointError, StoreError), preflight=check_gld)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from utils.argtypes import nonnegative_int, positive_float
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.distributed import DistContext, launch
+from utils.feature_store import StoreError
 from utils.files import fingerprint
 
 PAPER_TEMPERATURE = 0.05
@@ -80,7 +81,7 @@ def check_svd(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch(main_worker, parse_args(argv), user_errors=(SVDMetaError, ConfigError, CheckpointError),
+    launch(main_worker, parse_args(argv), user_errors=(SVDMetaError, ConfigError, CheckpointError, StoreError),
            preflight=check_svd)
 
 

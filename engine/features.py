@@ -21,7 +21,7 @@ from models.pca_layer import pca_weight_path
 from models.teachers import TEACHER_FILES
 from utils.argtypes import output_dir
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
-from utils.feature_store import DTYPES, StoreEntry, items_fingerprint
+from utils.feature_store import DTYPES, REFRESH_FIX, StoreEntry, items_fingerprint
 from utils.features import EmbedFn, embedded_batches
 from utils.files import sha256_file
 from utils.locks import lock_for_job
@@ -75,6 +75,7 @@ class Part:
     shard_size: int | None = None  # items per shard (default: by kind)
     items_key: str | None = None  # the item list's identity, when the caller has it (default: from ``names``)
     unit: str | None = None  # of the progress bar's rate (default: img, or frames for videos)
+    fix: str = REFRESH_FIX  # what the error of a damaged store entry tells the user to do ({folder}: its folder)
 
     @property
     def shard_items(self) -> int:
@@ -120,7 +121,7 @@ class PartExtractor:
         components = {"part": part.name, "model": self.model, "protocol": part.protocol,
                       "items": part.items_key or items_fingerprint(part.names)}
         return StoreEntry(self.args.feature_cache, components, len(part.names), part.shard_items,
-                          self.args.cache_dtype, videos=part.videos, extras=part.extras)
+                          self.args.cache_dtype, videos=part.videos, extras=part.extras, fix=part.fix)
 
     def shards(self, part: Part) -> Iterator[Shard]:
         """This rank's shards of ``part``, in no particular order; the store entry is complete once all ranks have

@@ -105,7 +105,8 @@ class TeacherCache:
         dataset = ViewsToEmbed(self.load, self.n_items, view, chain, self.views, self.args.seed)
         return Part(f"teacher views {chain + 1}/{len(self.chains)}", dataset, range(self.n_items), protocol,
                     videos=True, batch_size=max(1, VIEWS_PER_BATCH // self.views), collate_fn=views_collate,
-                    extras=("params",), shard_size=CACHE_SHARD, items_key=self.items_key, unit="views")
+                    extras=("params",), shard_size=CACHE_SHARD, items_key=self.items_key, unit="views",
+                    fix="delete {folder} (a part of the teacher cache); the next run builds it again")
 
     def entries(self) -> list[StoreEntry]:
         extractor = PartExtractor(lambda x: x, DistContext(), self.store_args, self.model)

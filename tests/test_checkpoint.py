@@ -1,6 +1,7 @@
 """Checkpoint I/O: atomic writes never leave a torn file; safe loads refuse code and name the file."""
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,28 @@ def test_strict_load_names_keys():
     check_state_dict({"a": torch.zeros(1)}, {"a": torch.ones(1)}, "ok")
     with pytest.raises(CheckpointError, match="not tensors.*'a'"):
         check_state_dict({"a": torch.zeros(1)}, {"a": 1.0}, "file.pt")
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    """torch's own writer reported a full disk as RuntimeError('unexpected pos') (a traceback in training)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from utils.checkpoint import save_atomic
+from utils.files import OutputError
+save_atomic({{"w": torch.zeros(10)}}, {str(tmp_path / "ckpt.pt")!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk with ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    save_atomic({{"w": torch.zeros(4 << 20)}}, {str(tmp_path / "ckpt.pt")!r})
+except OutputError as exc:
+    print("OutputError", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("OutputError"), res.stdout + res.stderr
+    assert "previous version is kept" in res.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"].shape == (10,)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -313,6 +313,23 @@ def test_a_stop_signal_during_the_cache_build_exits_75_and_the_same_command_cont
 
 
 @pytest.mark.slow
+def test_a_corrupt_cache_file_is_one_line_naming_it_and_a_fix_the_script_takes(cached_run, tmp_path):
+    """Before: a StoreError traceback that named shard-000000.npy when the .params.npy file was the bad one, and
+    suggested --refresh_cache, which gld_distill.py does not take."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cached_run / "cache", cache)
+    params = next(cache.rglob("shard-000000.params.npy"))
+    params.write_bytes(params.read_bytes()[:40])  # torn
+    res = run_script(*distill(tmp_path / "run", cache))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and str(params) in errors[0] and "--refresh_cache" not in errors[0]
+    assert f"delete {params.parent}" in errors[0]
+
+
+@pytest.mark.slow
 def test_training_from_the_cache_never_builds_or_calls_a_teacher(cached_run, tmp_path, monkeypatch):
     import gld_distill
     from engine import distill as engine_distill

@@ -6,6 +6,7 @@ Every file this project reads (published teachers, PCA files, students, its own 
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import pickle
 import re
@@ -117,9 +118,13 @@ def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file."""
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file. Serialised in memory first, then
+    written: torch's writer turns a full disk into a ``RuntimeError`` ("unexpected pos"), a plain write into the
+    ``OSError`` that ``atomic_write`` reports in one line (the previous file kept)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, Any], source: str,

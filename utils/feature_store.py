@@ -29,6 +29,9 @@ MANIFEST = "manifest.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+REFRESH_FIX = "rerun with --refresh_cache (or delete {folder}) to extract this part again"
+
+
 class StoreError(ValueError):
     """A store entry is unusable (a corrupt shard, a folder that holds another entry)."""
 
@@ -43,7 +46,7 @@ class StoreEntry:
 
     def __init__(self, root: str | os.PathLike, components: dict[str, Any], n_items: int, shard_items: int,
                  dtype: str = "float32", videos: bool = False, rows_per_item: int = 1,
-                 extras: tuple[str, ...] = ()) -> None:
+                 extras: tuple[str, ...] = (), fix: str = REFRESH_FIX) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"--cache_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if n_items < 1 or shard_items < 1:
@@ -54,6 +57,7 @@ class StoreEntry:
         self.folder = Path(root) / self.key[:32]
         self.n_items, self.shard_items, self.dtype, self.videos = n_items, shard_items, dtype, videos
         self.rows_per_item, self.extras = rows_per_item, extras
+        self.fix = fix.format(folder=self.folder)  # what a damaged entry's error tells the user to do
 
     # ---------------------------------------------------------------------------------------------- layout
     @property
@@ -90,12 +94,11 @@ class StoreEntry:
         try:
             manifest = json.loads(self.manifest_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"feature store manifest {self.manifest_file} is unreadable ({exc}); rerun with "
-                             f"--refresh_cache (or delete {self.folder})") from None
+            raise StoreError(f"feature store manifest {self.manifest_file} is unreadable ({exc}); {self.fix}") from None
         if manifest.get("key") != self.key:
             raise StoreError(f"feature store folder {self.folder} holds another entry (key "
-                             f"{str(manifest.get('key'))[:16]}..., wanted {self.key[:16]}...); rerun with "
-                             f"--refresh_cache (or delete {self.folder}) or give another store folder")
+                             f"{str(manifest.get('key'))[:16]}..., wanted {self.key[:16]}...); {self.fix}, or "
+                             "give another store folder")
         return True
 
     def done_shards(self) -> set[int]:
@@ -140,39 +143,49 @@ class StoreEntry:
         with atomic_write(self.shard_file(shard), "wb") as f:  # last: its presence marks the shard done
             np.save(f, np.ascontiguousarray(feats, dtype=DTYPES[self.dtype]), allow_pickle=False)
 
+    def _load(self, path: Path, mmap: bool = False) -> np.ndarray:
+        """One array file of the entry; a missing, truncated or corrupt one is a ``StoreError`` naming it."""
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise StoreError(f"feature store shard {path} is missing, truncated or corrupt ({exc}); "
+                             f"{self.fix}") from None
+
+    def _damaged(self, path: Path, why: str) -> StoreError:
+        return StoreError(f"feature store shard {path} does not fit its entry ({why}); {self.fix}")
+
     def read_shard(self, shard: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(descriptors as float32, frames per video or None); a shard that does not load with the expected shape is
+        """(descriptors as float32, frames per video or None); a file that does not load with the expected shape is
         a ``StoreError`` naming it."""
         start, end = self.bounds(shard)
         path = self.shard_file(shard)
+        lengths = self._load(self.lengths_file(shard)) if self.videos else None
+        if lengths is not None and lengths.shape != (end - start,):
+            raise self._damaged(self.lengths_file(shard), f"{lengths.shape[0]} frame counts for {end - start} videos")
+        feats = self._load(path, mmap=True)
+        rows = self.rows(shard, lengths)
+        if feats.ndim != 2 or feats.shape[0] != rows or (dim is not None and feats.shape[1] != dim):
+            raise self._damaged(path, f"shape {feats.shape}, expected ({rows}, {dim or 'D'})")
+        if feats.dtype != DTYPES[self.dtype]:
+            raise self._damaged(path, f"dtype {feats.dtype}, expected {self.dtype}")
         try:
-            lengths = np.load(self.lengths_file(shard), allow_pickle=False) if self.videos else None
-            feats = np.load(path, mmap_mode="r", allow_pickle=False)
-            rows = self.rows(shard, lengths)
-            if lengths is not None and lengths.shape != (end - start,):
-                raise ValueError(f"{lengths.shape[0]} frame counts for {end - start} videos")
-            if feats.ndim != 2 or feats.shape[0] != rows or (dim is not None and feats.shape[1] != dim):
-                raise ValueError(f"shape {feats.shape}, expected ({rows}, {dim or 'D'})")
-            if feats.dtype != DTYPES[self.dtype]:
-                raise ValueError(f"dtype {feats.dtype}, expected {self.dtype}")
             return np.array(feats, dtype=np.float32), lengths  # a copy: one shard in memory, read-write
-        except (OSError, ValueError, EOFError) as exc:
-            raise StoreError(f"feature store shard {path} is missing, truncated or corrupt ({exc}); rerun with "
-                             f"--refresh_cache (or delete {self.folder}) to extract this part again") from None
+        except (OSError, ValueError) as exc:
+            raise self._damaged(path, str(exc)) from None
 
     def open_shard(self, shard: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """A shard memory-mapped as stored (descriptors, extras): for random access by row (a training loader)."""
         path = self.shard_file(shard)
-        try:
-            feats = np.load(path, mmap_mode="r", allow_pickle=False)
-            extras = {n: np.load(self.extra_file(shard, n), mmap_mode="r", allow_pickle=False) for n in self.extras}
-            rows = self.rows(shard, np.load(self.lengths_file(shard), allow_pickle=False) if self.videos else None)
-            if feats.shape[0] != rows or any(a.shape[0] != rows for a in extras.values()):
-                raise ValueError(f"{feats.shape[0]} rows, expected {rows}")
-            return feats, extras
-        except (OSError, ValueError, EOFError) as exc:
-            raise StoreError(f"feature store shard {path} is missing, truncated or corrupt ({exc}); rerun with "
-                             f"--refresh_cache (or delete {self.folder}) to extract this part again") from None
+        feats = self._load(path, mmap=True)
+        rows = self.rows(shard, self._load(self.lengths_file(shard)) if self.videos else None)
+        if feats.shape[0] != rows:
+            raise self._damaged(path, f"{feats.shape[0]} rows, expected {rows}")
+        extras = {}
+        for name in self.extras:
+            extras[name] = self._load(self.extra_file(shard, name), mmap=True)
+            if extras[name].shape[0] != rows:
+                raise self._damaged(self.extra_file(shard, name), f"{extras[name].shape[0]} rows, expected {rows}")
+        return feats, extras
 
     def finish(self, dim: int) -> None:
         """Write the manifest once every shard is on disk: from now on the entry is read, never extracted."""
