@@ -108,8 +108,8 @@ class PartExtractor:
     components (``model_components``; hashing the files is needed only with a store)."""
 
     def __init__(self, embed: EmbedFn, ctx: DistContext, args: argparse.Namespace, model: dict[str, Any],
-                 should_stop: Callable[[], bool] | None = None) -> None:
-        self.embed, self.ctx, self.args, self.model = embed, ctx, args, model
+                 should_stop: Callable[[], bool] | None = None, label: str = "the model") -> None:
+        self.embed, self.ctx, self.args, self.model, self.label = embed, ctx, args, model, label
         self.report = StoreReport()
         # asked after each embedded shard (this rank's own answer: no collective); True ends the embedding, the
         # finished shards stay in the store and the entry stays incomplete, to be continued by a later run
@@ -204,6 +204,13 @@ class PartExtractor:
     def _finish_shard(self, entry: StoreEntry | None, part: Part, s: int, start: int, end: int,
                       pieces: list[list[torch.Tensor]]) -> Shard:
         feats = torch.cat([p[0] for p in pieces])
+        finite = torch.isfinite(feats).all(dim=1).cpu()
+        if not bool(finite.all()):  # before it is stored or scored: a NaN ranks arbitrarily and fails later
+            rows = torch.tensor([p[0].shape[0] for p in pieces])
+            item = start + int(torch.repeat_interleave(torch.arange(len(pieces)), rows)[int((~finite).nonzero()[0])])
+            raise SystemExit(f"{self.label} gave non-finite descriptors (NaN or inf) for {part.name}, e.g. item "
+                             f"{part.names[item]}: its weights hold NaN/inf (check the -r/-t file)"
+                             + (" or --amp overflowed (run with --amp none)" if self.args.amp == "fp16" else ""))
         lens = torch.tensor([p[0].shape[0] for p in pieces], dtype=torch.long, device=feats.device) \
             if part.videos else None
         extras = {name: torch.cat([p[1 + k] for p in pieces]) for k, name in enumerate(part.extras)}

@@ -123,7 +123,8 @@ def evaluate_images(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
                               trust=args.trust_checkpoint).to(ctx.device)
     logger.info("model: %s", embedder.description)
     extractor = PartExtractor(embedder.multi if args.multiscale else embedder.single, ctx, args,
-                              model_components(args) if args.feature_cache else {})
+                              model_components(args) if args.feature_cache else {},
+                              label=f"the model ({embedder.description})")
     transform = T.Compose([T.ToTensor(), imagenet_normalize()])
     datasets = [RevisitedDataset(args.data_path, name) for name in args.dataset]
     parts = {}

@@ -78,7 +78,8 @@ def evaluate_videos(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
                               args.trust_checkpoint).to(ctx.device)
     logger.info("model: %s", embedder.description)
     extractor = PartExtractor(embedder.single, ctx, args,
-                              model_components(args) if args.feature_cache else {})
+                              model_components(args) if args.feature_cache else {},
+                              label=f"the model ({embedder.description})")
     transform = svd_test_transform(args.input_norm, args.crop_size)
     num_frames = frames_per_video(args.max_frames, args.stride)
 

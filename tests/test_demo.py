@@ -65,3 +65,11 @@ def test_a_gpu_requested_on_a_machine_without_one_is_refused_before_any_work(tmp
         demo.main(["--device", "cuda", "--work_dir", str(tmp_path / "demo")])
     assert stop.value.code == 2 and "no GPU is visible" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_work_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--work_dir", str(tmp_path / "notes.txt")])
+    assert stop.value.code == 2 and "--work_dir" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -228,3 +228,15 @@ def test_wrong_checkpoint(toy):
     fails_with(["-a", "resnet34", "-r", str(root / "student.pt"), *data], "student.pt", "-a resnet18")
     fails_with(["-a", "resnet18", "-r", str(root / "student.pt"), "--embed_dim", "128", *data], "--embed_dim 512")
     fails_with(["-t", "mocov3", "--path_to_pretrained_weights", str(root / "nowhere"), *data], "nowhere")
+
+
+def test_a_model_giving_nan_is_one_line_naming_it(toy, tmp_path):
+    root, _ = toy
+    state = torch.load(root / "student.pt", weights_only=True)["state_dict"]
+    state = {k: torch.full_like(v, float("nan")) if k.endswith("fc.weight") else v for k, v in state.items()}
+    torch.save({"state_dict": state}, tmp_path / "nan.pt")
+    proc = run_script(SCRIPT, "-a", "resnet18", "-r", tmp_path / "nan.pt", "-dp", root / "data", "--imsize", IMSIZE,
+                      "--num_workers", "0", "--no_progress", timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "non-finite" in errors[0] and "resnet18" in errors[0]

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.distill_imsize = 32 if args.fast else args.imsize
     if args.device == "cuda" and not torch.cuda.is_available():  # before the teachers train, not after
         get_args_parser().error("--device cuda was requested but no GPU is visible; use --device cpu")
+    if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        get_args_parser().error(f"--work_dir {args.work_dir} is a file; give a new or empty folder")
     return args
 
 
