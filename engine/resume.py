@@ -82,6 +82,11 @@ def newest_checkpoint(args: argparse.Namespace) -> Path | None:
     return best
 
 
+def training_script(flags: dict[str, Any]) -> str:
+    """Which training script a run's flags are of: SVD runs read a metadata yaml, GLDv2 runs a data root."""
+    return "svd_distill.py" if "dataset_meta" in flags else "gld_distill.py"
+
+
 def check_run_dir(args: argparse.Namespace) -> None:
     """Before any work: a fresh run never writes into a folder that holds a run, and a resume is refused here (before
     anything is written) when the checkpoint's run differs in a flag of RESUME_MUST_MATCH or in its weight files."""
@@ -104,6 +109,9 @@ def check_run_dir(args: argparse.Namespace) -> None:
         return
     ckpt = read_training_checkpoint(path, args.trust_checkpoint)
     saved = ckpt.get("args") or {}
+    if saved and training_script(saved) != training_script(vars(args)):  # their data flags never meet
+        raise SystemExit(f"-r/--resume {path} was written by {training_script(saved)}: resume it with that script, "
+                         "or train afresh in a new -c folder.")
     for key in sorted(RESUME_MUST_MATCH):
         if key in saved and hasattr(args, key) and saved[key] != to_plain(getattr(args, key)):
             shown = " ".join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]

@@ -205,3 +205,20 @@ def test_svd_eval_bad_flags():
         with pytest.raises(SystemExit) as exc:
             svd_eval.parse_args(argv)
         assert exc.value.code == 2
+
+
+def test_gld_distill_refuses_to_resume_an_svd_run(trained, tmp_path):
+    """Its must-match check compared --imsize with the SVD run's --crop_size, so it never fired and the run went on."""
+    import shutil
+
+    from helpers import toy_gld
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = run_script("gld_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", run, "-r", "auto",
+                     "--gld_root_path", toy_gld(), "--path_to_pretrained_weights", weights_dir(CHEAP_TEACHERS),
+                     "--student_init", "random", "--imsize", 32, "-b", 4, "--epochs", 3, "--num_workers", 0,
+                     "--no_progress")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "svd_distill.py" in res.stderr, res.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
