@@ -305,9 +305,12 @@ class Trainer:
                              if cached else None)
             value = float(loss) / ctx.world_size  # the loss is scaled by the world size for DDP's averaging
             if not math.isfinite(value):
+                last = Path(args.ckpt_dir) / LAST_CHECKPOINT
+                where = (f"resume from the last good checkpoint with -r {last}" if last.is_file() else
+                         "no checkpoint was written yet: check the inputs (teacher and PCA files) first")
                 raise SystemExit(f"the loss became {value} at epoch {epoch + 1}, iteration {it + 1}: training "
-                                 "diverged. Try a lower --lr, --amp none (or bf16 instead of fp16), and resume "
-                                 f"from the last good checkpoint with -r {Path(args.ckpt_dir) / LAST_CHECKPOINT}.")
+                                 f"diverged, or an input holds NaN. Try a lower --lr, --amp none (or bf16 instead of "
+                                 f"fp16); {where}.")
             n_images = 2 * x1.shape[0] * ctx.world_size
             epoch_meter.update(n_images)
             window_meter.update(n_images)

@@ -148,6 +148,10 @@ def load_pca_layer(path: str | os.PathLike, trust: bool = False, in_dim: int | N
     if in_dim is not None and layer.in_dim != int(in_dim):
         raise CheckpointError(f"PCA-whitening file {path} takes {layer.in_dim}-d descriptors, but its teacher "
                               f"outputs {in_dim}-d ones: the file belongs to another teacher")
+    bad = [k for k in ("mean", "dvt") if not torch.isfinite(state[k]).all()]
+    if bad:  # used, they make every whitened descriptor and so the loss NaN, which reads like a divergence
+        raise CheckpointError(f"PCA-whitening file {path} holds NaN or inf in {bad}: learn it again "
+                              "(gld_pca_learn.py / svd_pca_learn.py --overwrite) or download it again")
     layer.load_state_dict(state, strict=True)
     return layer
 

@@ -186,3 +186,18 @@ def test_loading_checks_the_dimensions_the_caller_needs(tmp_path):
         load_pca_layer(path, out_dim=64)
     with pytest.raises(CheckpointError, match="takes 32-d descriptors, but its teacher outputs 2048-d"):
         load_pca_layer(path, in_dim=2048)
+
+
+def test_a_pca_file_holding_nan_is_an_error_naming_it(tmp_path):
+    """Used, it made the loss NaN at the first step, reported as a divergence with a checkpoint that did not exist."""
+    from models.pca_layer import PCAWhitening, load_pca_layer, save_pca_layer
+    from utils.checkpoint import CheckpointError
+
+    layer = PCAWhitening(8, 4)
+    layer.dvt[0, 0] = float("nan")
+    save_pca_layer(layer, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="nan.pt"):
+        load_pca_layer(tmp_path / "nan.pt")
+    layer.dvt[0, 0] = 1.0
+    save_pca_layer(layer, tmp_path / "ok.pt")
+    assert load_pca_layer(tmp_path / "ok.pt").out_dim == 4
