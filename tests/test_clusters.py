@@ -179,6 +179,29 @@ def child_pids(parent: int) -> list[int]:
 
 
 @pytest.mark.slow
+def test_a_rank_killed_by_a_signal_is_named_with_its_signal(tmp_path):
+    """One of two spawned ranks killed with SIGKILL: the job ended with exit 1 and only torch's "Terminating
+    process ... via SIGTERM" line."""
+    ckpt = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, distill(ckpt, "--nproc_per_node", 2, "--epochs", 20))],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: iterations_logged(ckpt) >= 1, proc), "the run ended before the kill"
+        ranks = [pid for pid in child_pids(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(ranks) == 2
+        victim = max(ranks)
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert "Traceback" not in err
+    assert f"(pid {victim})" in err and "SIGKILL" in err  # which rank, which signal
+
+
+@pytest.mark.slow
 def test_submit_through_submitits_local_executor_requeues_and_resumes(reference, tmp_path):
     """The whole path without a cluster: submit, the time-limit signal mid-run (submitit's test hook), the stop
     and save, submitit's requeue, the resumed job. The local executor emulates a 2-task job with its own

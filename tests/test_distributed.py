@@ -245,3 +245,31 @@ def test_spawned_workers_user_error_ends_with_its_line_and_code(capfd):
     err = capfd.readouterr().err
     assert exc.value.code == 1
     assert "error: bad file /data/x.jpg (rank 1)" in err and "Traceback" not in err, err
+
+
+def test_a_one_pixel_image_survives_the_multiscale_descriptor():
+    """At scale 1/2 a 1-pixel side vanished (an error); every image of a usual size is resized as before."""
+    import torch.nn.functional as F
+
+    from utils.features import PAPER_SCALES, multiscale, rescale
+
+    x = torch.rand(1, 3, 37, 50)
+    for s in PAPER_SCALES[1:]:
+        assert torch.equal(rescale(x, s), F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False))
+    assert rescale(torch.rand(1, 3, 1, 1), 0.5).shape == (1, 3, 1, 1)
+    assert rescale(torch.rand(1, 3, 1, 9), 0.5).shape == (1, 3, 1, 4)
+    out = multiscale(lambda t: t.mean(dim=(2, 3)), torch.rand(1, 3, 1, 1))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+def test_metrics_of_a_removed_run_folder_are_one_clear_error(tmp_path):
+    import shutil
+
+    from utils.files import OutputError
+    from utils.log import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "run" / "metrics.jsonl")
+    writer.write({"type": "iter", "iteration": 1})
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(OutputError, match="removed"):
+        writer.write({"type": "iter", "iteration": 2})

@@ -226,10 +226,10 @@ def _launch(main_worker: Callable, args: argparse.Namespace, user_errors: tuple[
     if plan.n_local == 1:
         _worker(plan.local_rank, *worker_args)
     else:
-        _spawn(plan.n_local, worker_args)
+        _spawn(plan.n_local, worker_args, plan.rank_offset)
 
 
-def _spawn(nprocs: int, worker_args: tuple) -> None:
+def _spawn(nprocs: int, worker_args: tuple, rank_offset: int = 0) -> None:
     """One process per local GPU; a worker's exit code (a user error, Ctrl-C) becomes this process's, without the
     traceback ``torch.multiprocessing`` adds; a worker's crash (a bug) keeps its traceback."""
     context = torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=worker_args, join=False)
@@ -244,6 +244,12 @@ def _spawn(nprocs: int, worker_args: tuple) -> None:
         while not context.join():
             pass
     except torch.multiprocessing.ProcessExitedException as exc:
+        if exc.exit_code is not None and exc.exit_code < 0:  # a signal ended the rank: say which and where
+            signum = -exc.exit_code
+            print(f"{_prog()}: error: rank {rank_offset + exc.error_index} (pid {exc.error_pid}) "
+                  f"was killed by {signal.Signals(signum).name}; the other ranks were stopped. Resume with -r auto "
+                  "(training).", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         raise SystemExit(exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1) from None
     except KeyboardInterrupt:  # the workers got it too (one terminal, one process group): rank 0 says so
         for process in context.processes:

@@ -34,6 +34,15 @@ def distributed_loader(dataset: Dataset, ctx: DistContext, batch_size: int = 1, 
                       pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn)
 
 
+def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bilinear resize by ``scale`` as the paper (``scale_factor``); an image so small that a side would vanish
+    keeps one pixel there (a 1-pixel image at scale 1/2 was an error)."""
+    if min(int(side * scale) for side in x.shape[-2:]) >= 1:
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    size = [max(1, int(side * scale)) for side in x.shape[-2:]]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def multiscale(embed: EmbedFn, x: torch.Tensor, scales: Sequence[float] = PAPER_SCALES,
                post: EmbedFn | None = None) -> torch.Tensor:
     """Mean over scales of L2(post(L2(embed(resize(x))))), then L2 — the paper's multi-scale descriptor.
@@ -42,7 +51,7 @@ def multiscale(embed: EmbedFn, x: torch.Tensor, scales: Sequence[float] = PAPER_
     """
     total = None
     for s in scales:
-        xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        xs = x if s == 1 else rescale(x, s)
         v = F.normalize(embed(xs).float(), dim=-1)
         if post is not None:
             v = F.normalize(post(v), dim=-1)

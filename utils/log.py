@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from utils.files import OutputError
+
 LOGGER_NAME = "whiten_mtd"
 
 
@@ -69,8 +71,12 @@ class MetricsWriter:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as exc:
+            gone = "" if self.path.parent.is_dir() else f" (the run folder {self.path.parent} was removed)"
+            raise OutputError(f"cannot append to {self.path}: {exc.strerror or exc}{gone}") from None
 
 
 def progress(iterable: Iterable, enabled: bool, total: int | None = None, desc: str = "",
