@@ -41,7 +41,7 @@ from models.loss import MultiTeacherDistillLoss
 from models.students import CHECKPOINT_PREFIX, build_student, student_checkpoint_state
 from utils.checkpoint import CheckpointError, load_state_strict, save_atomic
 from utils.config import to_plain
-from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
+from utils.distributed import DistContext, barrier, broadcast_object, gather_objects, interrupted
 from utils.locks import lock_for_job
 from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
 from utils.log import progress as progress_bar
@@ -303,6 +303,7 @@ class Trainer:
             to = lambda t: t.to(ctx.device, non_blocking=True)  # noqa: E731
             loss = self.step(to(x1), to(x2), ([to(t) for t in cached[0]], [to(t) for t in cached[1]])
                              if cached else None)
+            interrupted()  # a Ctrl-C swallowed by a finaliser during the step still stops here
             value = float(loss) / ctx.world_size  # the loss is scaled by the world size for DDP's averaging
             if not math.isfinite(value):
                 last = Path(args.ckpt_dir) / LAST_CHECKPOINT

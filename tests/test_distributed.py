@@ -273,3 +273,31 @@ def test_metrics_of_a_removed_run_folder_are_one_clear_error(tmp_path):
     shutil.rmtree(tmp_path / "run")
     with pytest.raises(OutputError, match="removed"):
         writer.write({"type": "iter", "iteration": 2})
+
+
+def _ctrl_c_swallowed_by_a_finaliser(args, ctx):
+    """What a DataLoader iterator's __del__ can do: the KeyboardInterrupt of a Ctrl-C is raised inside it, Python
+    prints "Exception ignored" and the work goes on to its end."""
+    import gc
+    import signal
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, inside __del__
+                pass
+
+    Finalised()
+    gc.collect()
+    args.went_on = True
+
+
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_ends_with_130(capsys):
+    from utils.distributed import EXIT_INTERRUPTED, _worker
+
+    args = argparse.Namespace(went_on=False)
+    with pytest.raises(SystemExit) as stop:
+        _worker(0, _ctrl_c_swallowed_by_a_finaliser, args, False, "env://", 0, 1)
+    assert args.went_on  # the interrupt was indeed swallowed where it was raised
+    assert stop.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().endswith("interrupted")

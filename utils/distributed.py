@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,42 @@ def launch(main_worker: Callable[[argparse.Namespace, DistContext], Any], args: 
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+class InterruptLatch:
+    """Ctrl-C that cannot be lost. Python raises KeyboardInterrupt wherever the main thread is when SIGINT
+    arrives; inside a ``__del__`` or a finaliser (a DataLoader iterator shutting its workers down, a temporary file
+    closing) it is printed as "Exception ignored" and the program goes on, to its end with exit code 0. The latch's
+    handler also notes the signal, and ``check()`` (the loops call ``interrupted()`` between steps; the launcher
+    calls ``check()`` when the work returns) raises KeyboardInterrupt again if it was noted."""
+
+    received = False  # of this process
+
+    def __enter__(self) -> InterruptLatch:
+        InterruptLatch.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    @staticmethod
+    def _note(signum: int, frame: Any) -> None:
+        InterruptLatch.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if InterruptLatch.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was noted and swallowed since (call it between the steps of a loop)."""
+    if InterruptLatch.received:
+        raise KeyboardInterrupt
 
 
 def run_tool(main: Callable[[], Any]) -> None:
@@ -266,7 +303,7 @@ def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, us
             rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = (),
             launch: str = "") -> None:
     try:
-        with _one_line_errors(user_errors):
+        with _one_line_errors(user_errors), InterruptLatch() as latch:
             ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
             ctx.launch = launch or ctx.launch
             try:
@@ -274,6 +311,7 @@ def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, us
             finally:
                 if dist.is_initialized():
                     dist.destroy_process_group()
+            latch.check()  # a Ctrl-C that a __del__ or a finaliser swallowed still ends the process
     except KeyboardInterrupt:
         if local_rank == 0:
             print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)

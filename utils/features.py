@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.distributed import DistContext, gather_objects
+from utils.distributed import DistContext, gather_objects, interrupted
 from utils.log import Throughput, progress
 from utils.runtime import autocast, release_freed_memory
 
@@ -70,6 +70,7 @@ def embedded_batches(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: 
         with autocast(amp, ctx.device):
             out = embed(images.to(ctx.device, non_blocking=True))
         meter.update(images.shape[0])
+        interrupted()  # a Ctrl-C swallowed by a finaliser (a loader worker's shutdown) still stops the extraction
         if batch % TRIM_EVERY == 0:
             release_freed_memory()
         if hasattr(bar, "set_postfix"):
