@@ -26,6 +26,7 @@ from utils.features import EmbedFn, embedded_batches
 from utils.files import sha256_file
 from utils.locks import lock_for_job
 from utils.log import get_logger
+from utils.preemption import ignore_stop_signals
 
 # Images per shard. Small enough that every rank of an 8-GPU node has shards of ROxford's 4,993 database images
 # (20 shards; with 4,096 only 2 ranks of 8 worked) and a kill redoes seconds of extraction; R1M: 3,911 shards.
@@ -184,7 +185,7 @@ class PartExtractor:
             return
         loader = DataLoader(Subset(part.dataset, indices), batch_size=part.batch_size, shuffle=False,
                             num_workers=self.args.num_workers, collate_fn=part.collate_fn,
-                            pin_memory=self.ctx.device.type == "cuda")
+                            pin_memory=self.ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         pieces: list[list[torch.Tensor]] = []  # per item: its rows, then its extras' rows
         queue = iter(bounds)
         current = next(queue)

@@ -301,3 +301,24 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_ends_with_130(capsys):
     assert args.went_on  # the interrupt was indeed swallowed where it was raised
     assert stop.value.code == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip().endswith("interrupted")
+
+
+def _sigterm_mid_work(args, ctx):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):
+        pass
+    args.went_on = True
+
+
+def test_a_stop_signal_outside_training_exits_75_for_a_requeue(capsys):
+    """Evaluation, PCA learning: before, SIGTERM killed the process (143) and the sbatch examples requeue on 75."""
+    from utils.distributed import _worker
+    from utils.preemption import EXIT_PREEMPTED
+
+    args = argparse.Namespace(went_on=False)
+    with pytest.raises(SystemExit) as stop:
+        _worker(0, _sigterm_mid_work, args, False, "env://", 0, 1)
+    assert stop.value.code == EXIT_PREEMPTED and not args.went_on
+    assert "SIGTERM" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 from helpers import ROOT
 
 from utils.distributed import EXIT_INTERRUPTED, run_tool
+from utils.preemption import EXIT_PREEMPTED
 from utils.workers import worker_pool
 
 
@@ -48,8 +49,11 @@ def test_pool_workers_leave_ctrl_c_to_the_tool_and_queued_work_is_cancelled():
 
 
 @pytest.mark.slow
-def test_a_tool_interrupted_mid_work_exits_130_without_a_traceback(tmp_path):
-    """Ctrl-C reaches the whole process group, as in a terminal."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_PREEMPTED),
+                                       (signal.SIGUSR1, EXIT_PREEMPTED)])
+def test_a_tool_interrupted_mid_work_exits_with_one_line(tmp_path, sig, code):
+    """Ctrl-C (130) and a cluster's stop signals (75: requeue) reach the whole process group, as in a terminal or
+    from scancel."""
     proc = subprocess.Popen([sys.executable, "tools/make_toy_data.py", "--out", str(tmp_path / "toy"), "--parts",
                              "gld", "--gld_landmarks", "4000"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -58,13 +62,13 @@ def test_a_tool_interrupted_mid_work_exits_130_without_a_traceback(tmp_path):
         while proc.poll() is None and time.monotonic() < deadline and not any(tmp_path.rglob("*.jpg")):
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
-    assert "Traceback" not in err and err.strip().endswith("interrupted")
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_killed_extractions_temporary_files_are_removed_not_reported(tmp_path, capsys):

@@ -120,12 +120,20 @@ def interrupted() -> None:
 
 
 def run_tool(main: Callable[[], Any]) -> None:
-    """A tool's entry point: Ctrl-C is one line and exit code 130, as in the six scripts (``launch``)."""
+    """A tool's entry point: Ctrl-C is one line and exit code 130, a cluster's SIGTERM/SIGUSR1 one line and exit code
+    75 (requeue; what was completed is kept), as in the six scripts (``launch``)."""
+    from utils.preemption import EXIT_PREEMPTED, StopOnSignals, StopSignal
+
     try:
-        main()
+        with StopOnSignals():
+            main()
     except KeyboardInterrupt:
         print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except StopSignal as stop:
+        print(f"{_prog()}: {stop}: what was completed is kept; run the same command again to continue",
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
 
 
 def _prog() -> str:
@@ -302,8 +310,10 @@ def _spawn(nprocs: int, worker_args: tuple, rank_offset: int = 0) -> None:
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
             rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = (),
             launch: str = "") -> None:
+    from utils.preemption import EXIT_PREEMPTED, StopOnSignals, StopSignal
+
     try:
-        with _one_line_errors(user_errors), InterruptLatch() as latch:
+        with _one_line_errors(user_errors), InterruptLatch() as latch, StopOnSignals():
             ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
             ctx.launch = launch or ctx.launch
             try:
@@ -316,6 +326,11 @@ def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, us
         if local_rank == 0:
             print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except StopSignal as stop:
+        if local_rank == 0:
+            print(f"{_prog()}: {stop}: what was written is kept (a feature store keeps its finished shards); run the "
+                  "same command again to continue", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
 
 
 def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", rank_offset: int = 0,

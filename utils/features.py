@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from utils.distributed import DistContext, gather_objects, interrupted
 from utils.log import Throughput, progress
+from utils.preemption import ignore_stop_signals
 from utils.runtime import autocast, release_freed_memory
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -31,7 +32,7 @@ def distributed_loader(dataset: Dataset, ctx: DistContext, batch_size: int = 1, 
     all ranks (no padding, so no duplicate is ever counted twice; ranks may differ by one item)."""
     share = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.distributed else dataset
     return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn)
+                      pin_memory=ctx.device.type == "cuda", collate_fn=collate_fn, worker_init_fn=ignore_stop_signals)
 
 
 def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:

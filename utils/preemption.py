@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -60,3 +61,32 @@ def ignore_stop_signals(*_: Any) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to the training process, which finishes the iteration and saves."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+class StopSignal(Exception):
+    """SIGTERM/SIGUSR1 outside training: the work stops where it is (what it wrote atomically is kept: store shards,
+    extracted videos) and the process exits with ``EXIT_PREEMPTED``, so that a cluster job requeues."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped on {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopOnSignals:
+    """``with StopOnSignals():`` SIGTERM/SIGUSR1 raise ``StopSignal`` at once (training installs ``StopRequest``
+    inside, which stops after an iteration instead). A no-op outside the main thread."""
+
+    def __enter__(self) -> StopOnSignals:
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise StopSignal(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -8,9 +8,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
 
 def ignore_interrupts() -> None:
-    """Initializer of the worker processes: Ctrl-C reaches the whole process group, and only the tool itself
-    answers it (each worker would print a traceback of its own)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Initializer of the worker processes: Ctrl-C and a cluster's SIGTERM/SIGUSR1 reach the whole process group,
+    and only the tool itself answers them (each worker would print a traceback, or die and break the pool)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
