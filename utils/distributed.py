@@ -119,21 +119,32 @@ def interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def run_tool(main: Callable[[], Any]) -> None:
-    """A tool's entry point: Ctrl-C is one line and exit code 130, a cluster's SIGTERM/SIGUSR1 one line and exit code
-    75 (requeue; what was completed is kept), as in the six scripts (``launch``)."""
+@contextlib.contextmanager
+def signal_exits(speak: bool = True) -> Iterator[None]:
+    """How a script or tool ends on a signal: Ctrl-C in one line and exit code 130 (never lost: ``InterruptLatch``);
+    a cluster's SIGTERM/SIGUSR1 outside training (which stops after an iteration instead) in one line and exit code
+    75, so that a job requeues, keeping what was completed. ``speak``: print the line (rank 0 only)."""
     from utils.preemption import EXIT_PREEMPTED, StopOnSignals, StopSignal
 
     try:
-        with StopOnSignals():
-            main()
+        with InterruptLatch() as latch, StopOnSignals():
+            yield
+            latch.check()  # a Ctrl-C that a __del__ or a finaliser swallowed still ends the process
     except KeyboardInterrupt:
-        print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
+        if speak:
+            print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except StopSignal as stop:
-        print(f"{_prog()}: {stop}: what was completed is kept; run the same command again to continue",
-              file=sys.stderr, flush=True)
+        if speak:
+            print(f"{_prog()}: {stop}: what was completed is kept (checkpoints, store and cache shards, extracted "
+                  "files); run the same command again to continue", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None
+
+
+def run_tool(main: Callable[[], Any]) -> None:
+    """A tool's entry point: it ends on signals as the six scripts do (``signal_exits``)."""
+    with signal_exits():
+        main()
 
 
 def _prog() -> str:
@@ -310,27 +321,14 @@ def _spawn(nprocs: int, worker_args: tuple, rank_offset: int = 0) -> None:
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
             rank_offset: int, world_size: int, user_errors: tuple[type[BaseException], ...] = (),
             launch: str = "") -> None:
-    from utils.preemption import EXIT_PREEMPTED, StopOnSignals, StopSignal
-
-    try:
-        with _one_line_errors(user_errors), InterruptLatch() as latch, StopOnSignals():
-            ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
-            ctx.launch = launch or ctx.launch
-            try:
-                main_worker(args, ctx)
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-            latch.check()  # a Ctrl-C that a __del__ or a finaliser swallowed still ends the process
-    except KeyboardInterrupt:
-        if local_rank == 0:
-            print(f"{_prog()}: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except StopSignal as stop:
-        if local_rank == 0:
-            print(f"{_prog()}: {stop}: what was written is kept (a feature store keeps its finished shards); run the "
-                  "same command again to continue", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_PREEMPTED) from None
+    with signal_exits(speak=local_rank == 0), _one_line_errors(user_errors):
+        ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
+        ctx.launch = launch or ctx.launch
+        try:
+            main_worker(args, ctx)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def init_distributed(local_rank: int, use_cuda: bool, dist_url: str = "env://", rank_offset: int = 0,
