@@ -74,13 +74,16 @@ class StopSignal(Exception):
 
 class StopOnSignals:
     """``with StopOnSignals():`` SIGTERM/SIGUSR1 raise ``StopSignal`` at once (training installs ``StopRequest``
-    inside, which stops after an iteration instead). A no-op outside the main thread."""
+    inside, which stops after an iteration instead). A signal that already has a Python handler (submitit's, which
+    requeues the job) keeps it, so that training's ``StopRequest`` still finds and calls it. A no-op outside the
+    main thread."""
 
     def __enter__(self) -> StopOnSignals:
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._raise)
+                if not callable(signal.getsignal(sig)):
+                    self._previous[sig] = signal.signal(sig, self._raise)
         return self
 
     @staticmethod
