@@ -45,7 +45,7 @@ from utils.distributed import DistContext, barrier, broadcast_object, gather_obj
 from utils.locks import lock_for_job
 from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
 from utils.log import progress as progress_bar
-from utils.preemption import EXIT_PREEMPTED, StopRequest, ignore_stop_signals
+from utils.preemption import StopRequest, ignore_stop_signals
 from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, snapshot_name
 from utils.runtime import autocast, configure_backends, rng_state, seed_everything, set_rng_state
 
@@ -375,10 +375,7 @@ def from_teacher_cache(data: TrainData, args: argparse.Namespace, ctx: DistConte
                 get_logger().warning("stopped on signal %s while building the teacher cache %s: its finished shards "
                                      "are kept; the same command (with -r auto) continues it", stop.received,
                                      args.teacher_cache)
-                requeue = stop.previous_handler()
-                if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
-                    requeue(stop.received, None)
-                raise SystemExit(EXIT_PREEMPTED)
+                stop.exit_preempted()
         del teachers
         set_rng_state(state, ctx.device)
     else:
@@ -478,10 +475,7 @@ def _run_distillation(args: argparse.Namespace, ctx: DistContext,
             except Stopped as where:
                 logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",
                                stop.received, where, ckpt_dir / LAST_CHECKPOINT)
-                requeue = stop.previous_handler()
-                if requeue is not None:  # e.g. submitit: requeues the job (rank 0) and exits
-                    requeue(stop.received, None)
-                raise SystemExit(EXIT_PREEMPTED) from None
+                stop.exit_preempted()
     finally:
         trainer.stop_workers()
     return trainer

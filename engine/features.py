@@ -205,15 +205,15 @@ class PartExtractor:
     def _finish_shard(self, entry: StoreEntry | None, part: Part, s: int, start: int, end: int,
                       pieces: list[list[torch.Tensor]]) -> Shard:
         feats = torch.cat([p[0] for p in pieces])
+        rows = [p[0].shape[0] for p in pieces]  # per item
         finite = torch.isfinite(feats).all(dim=1).cpu()
         if not bool(finite.all()):  # before it is stored or scored: a NaN ranks arbitrarily and fails later
-            rows = torch.tensor([p[0].shape[0] for p in pieces])
-            item = start + int(torch.repeat_interleave(torch.arange(len(pieces)), rows)[int((~finite).nonzero()[0])])
+            row_items = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor(rows))
+            item = start + int(row_items[int((~finite).nonzero()[0])])
             raise SystemExit(f"{self.label} gave non-finite descriptors (NaN or inf) for {part.name}, e.g. item "
                              f"{part.names[item]}: its weights hold NaN/inf (check the -r/-t file)"
                              + (" or --amp overflowed (run with --amp none)" if self.args.amp == "fp16" else ""))
-        lens = torch.tensor([p[0].shape[0] for p in pieces], dtype=torch.long, device=feats.device) \
-            if part.videos else None
+        lens = torch.tensor(rows, dtype=torch.long, device=feats.device) if part.videos else None
         extras = {name: torch.cat([p[1 + k] for p in pieces]) for k, name in enumerate(part.extras)}
         if entry is not None:
             entry.write_shard(s, feats.cpu().numpy(), None if lens is None else lens.cpu().numpy(),

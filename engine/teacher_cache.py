@@ -131,9 +131,10 @@ class TeacherCache:
                     break
                 for _ in extractor.shards(self.part(chain)):
                     pass
-        complete = all(entry.complete for entry in self.entries())
+        entries = self.entries()
+        complete = all(entry.complete for entry in entries)
         if complete:
-            get_logger().info("teacher cache complete: %s", ", ".join(str(e.folder) for e in self.entries()))
+            get_logger().info("teacher cache complete: %s", ", ".join(str(e.folder) for e in entries))
         return complete
 
 

@@ -69,22 +69,33 @@ class Check:
     timeout: float
     steps: list[Step] = field(default_factory=list)
 
-    def script(self, *argv: object, env: dict[str, str] | None = None, launcher: list[str] | None = None
-               ) -> subprocess.CompletedProcess:
+    def start(self, *argv: object, env: dict[str, str] | None = None, launcher: list[str] | None = None
+              ) -> subprocess.Popen:
+        """``python argv...`` (or ``launcher argv...``) from the repository, its output appended to the step's log."""
         cmd = (launcher or [sys.executable]) + [str(a) for a in argv]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             full_env.pop(key, None)
-        log = self.work / "logs" / f"{len(self.steps):02d}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as out:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as out:
             out.write("$ " + " ".join(cmd) + "\n")
             out.flush()
-            res = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                 timeout=self.timeout)
-        if res.returncode != 0:
-            raise StepFailed(f"exit {res.returncode}: {' '.join(cmd[1:3])} ...\n{tail(log)}")
-        return res
+            return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> Path:
+        return self.work / "logs" / f"{len(self.steps):02d}.log"
+
+    def script(self, *argv: object, env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
+        """Run to the end; an exit code other than 0 fails the step with the end of the log."""
+        proc = self.start(*argv, env=env, launcher=launcher)
+        try:
+            code = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        if code != 0:
+            raise StepFailed(f"exit {code}: {' '.join(map(str, argv[:2]))} ...\n{tail(self.log)}")
 
     def step(self, name: str, run: Callable[[], str | None], skip: str | None = None) -> None:
         start = time.perf_counter()
@@ -146,17 +157,21 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
     for teacher in TEACHERS:
         check.step(f"gld_pca_learn.py -t {teacher}", lambda t=teacher: check.script(
             "gld_pca_learn.py", "-t", t, "--gld_root_path", work / "gld", "--imsize", CROP, "--num_samples", -1,
-            "-b", 8, "--overwrite", *weights, *common) and None)
+            "-b", 8, "--overwrite", *weights, *common))
     check.step("svd_pca_learn.py (to a side file)", lambda: check.script(
         "svd_pca_learn.py", "-t", TEACHERS[0], "-dm", work / "svd" / "svd.yaml", "--frames_per_video", 2,
-        "--dump_to", work / "svd_pca.pt", *weights, *common) and None)
+        "--dump_to", work / "svd_pca.pt", *weights, *common))
 
-    def distill(ckpt: str, *extra: object, launcher: list[str] | None = None, env: dict | None = None) -> Path:
-        folder = work / "runs" / ckpt
-        check.script("gld_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", folder, "--gld_root_path",
-                     work / "gld", "--student_init", "random", "--imsize", CROP, "-b", 4, "--epochs", 1,
-                     "--log_every", 1, *weights, *common, *extra, launcher=launcher, env=env)
-        return folder
+    def distill_argv(ckpt: str, *extra: object) -> list:
+        return ["gld_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", work / "runs" / ckpt, "--gld_root_path",
+                work / "gld", "--student_init", "random", "--imsize", CROP, "-b", 4, "--epochs", 1, "--log_every", 1,
+                *weights, *common, *extra]
+
+    def distill(ckpt: str, *extra: object, launcher: list[str] | None = None) -> Path:
+        check.script(*distill_argv(ckpt, *extra), launcher=launcher)
+        return work / "runs" / ckpt
+
+    distill.argv = distill_argv
 
     for amp, label in (("none", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
         skip = ("fp16 needs a GPU (the scripts refuse it on CPU)" if amp == "fp16" and not on_gpu else
@@ -170,11 +185,11 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
     check.step("oxford_paris_eval.py, device vs CPU fp32", lambda: evaluate_student(check, work, common, on_gpu))
     check.step("oxford_paris_eval.py -t ... --pca", lambda: check.script(
         "oxford_paris_eval.py", "-t", TEACHERS[0], "--pca", "-dp", work / "data", "-ms", "--imsize", IMSIZE,
-        *weights, *common, "--amp", "fp16" if on_gpu else "none") and None)
+        *weights, *common, "--amp", "fp16" if on_gpu else "none"))
     check.step("svd_distill.py", lambda: check.script(
         "svd_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", work / "runs" / "svd", "-dm",
         work / "svd" / "svd.yaml", "--student_init", "random", "-b", 4, "--crop_size", CROP, "--epochs", 1,
-        *weights, *common) and None)
+        *weights, *common))
     check.step("svd_eval.py, every --sim_fn", lambda: evaluate_videos(check, "svd", weights, common))
 
     # Two ranks on the one device: every script again, its collectives checked (``as_rank``).
@@ -182,10 +197,10 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
              str(Path(__file__).resolve()), RANK_FLAG]
     check.step("2 ranks: gld_pca_learn.py", lambda: check.script(
         "gld_pca_learn.py", "-t", TEACHERS[0], "--gld_root_path", work / "gld", "--imsize", CROP, "--num_samples", 7,
-        "-b", 2, "--dump_to", work / "pca_two_ranks.pt", *weights, *common, launcher=ranks) and None)
+        "-b", 2, "--dump_to", work / "pca_two_ranks.pt", *weights, *common, launcher=ranks))
     check.step("2 ranks: svd_pca_learn.py", lambda: check.script(
         "svd_pca_learn.py", "-t", TEACHERS[0], "-dm", work / "svd" / "svd.yaml", "--frames_per_video", 2,
-        "--dump_to", work / "svd_pca_two_ranks.pt", *weights, *common, launcher=ranks) and None)
+        "--dump_to", work / "svd_pca_two_ranks.pt", *weights, *common, launcher=ranks))
     check.step("2 ranks: gld_distill.py online, -s maxrand", lambda: finished(distill(
         "two_ranks", "-b", 2, "-s", "maxrand", launcher=ranks)))
     cached = ["-b", 2, "--teacher_cache", work / "cache_two", "--teacher_views", 2]
@@ -194,14 +209,17 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
     check.step("2 ranks: oxford_paris_eval.py, every feature", lambda: check.script(
         "oxford_paris_eval.py", "-a", "resnet18", "-r", work / "runs" / "two_ranks" / "checkpoint_last.pt", "-dp",
         work / "data", "--imsize", IMSIZE, "-ms", "--plus1m", "--crop_queries", "--feature_cache", work / "fc_two",
-        "--visualize", work / "pictures_two", *weights, *common, launcher=ranks) and None)
+        "--visualize", work / "pictures_two", *weights, *common, launcher=ranks))
     check.step("2 ranks: oxford_paris_eval.py -t ... --pca", lambda: check.script(
         "oxford_paris_eval.py", "-t", TEACHERS[0], "--pca", "-dp", work / "data", "--imsize", IMSIZE, *weights,
-        *common, launcher=ranks) and None)
-    check.step("2 ranks: svd_distill.py + svd_eval.py", lambda: check.script(
-        "svd_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", work / "runs" / "svd_two", "-dm",
-        work / "svd" / "svd.yaml", "--student_init", "random", "-b", 2, "--crop_size", CROP, "--epochs", 1,
-        *weights, *common, launcher=ranks) and evaluate_videos(check, "svd_two", weights, common, ranks))
+        *common, launcher=ranks))
+    def svd_two_ranks() -> str:
+        check.script("svd_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", work / "runs" / "svd_two", "-dm",
+                     work / "svd" / "svd.yaml", "--student_init", "random", "-b", 2, "--crop_size", CROP, "--epochs",
+                     1, *weights, *common, launcher=ranks)
+        return evaluate_videos(check, "svd_two", weights, common, ranks)
+
+    check.step("2 ranks: svd_distill.py + svd_eval.py", svd_two_ranks)
     return check.steps
 
 
@@ -221,21 +239,15 @@ def stop_and_resume(check: Check, distill: Callable[..., Path]) -> str:
     flags = ("--epochs", 3, "-s", "maxrand", "--deterministic")
     reference = distill("resume_reference", *flags)
     folder = check.work / "runs" / "resume_stopped"
-    cmd = [sys.executable, "gld_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", str(folder),
-           "--gld_root_path", str(check.work / "gld"), "--student_init", "random", "--imsize", str(CROP), "-b", "4",
-           "--log_every", "1", "--path_to_pretrained_weights", str(check.work / "weights"), "--embed_dim",
-           str(EMBED_DIM), "--device", check.device, "--num_workers", "0", "--no_progress", *map(str, flags)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    with open(check.work / "logs" / "resume_stopped.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        metrics = folder / "metrics.jsonl"
-        deadline = time.monotonic() + check.timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            if metrics.is_file() and '"type": "iter"' in metrics.read_text():
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.05)
-        code = proc.wait(timeout=check.timeout)
+    proc = check.start(*distill.argv("resume_stopped", *flags))
+    metrics = folder / "metrics.jsonl"
+    deadline = time.monotonic() + check.timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and '"type": "iter"' in metrics.read_text():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    code = proc.wait(timeout=check.timeout)
     if code not in (0, 75):
         raise StepFailed(f"the stopped run ended with exit code {code} (expected 75)")
     distill("resume_stopped", *flags, "-r", "auto")

@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,14 @@ class StopRequest:
         flag = torch.tensor([0 if self.received is None else 1], device=ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def exit_preempted(self) -> NoReturn:
+        """After the state was saved: the handler installed before runs (submitit's requeues the job and exits),
+        else the process exits with ``EXIT_PREEMPTED``."""
+        requeue = self.previous_handler()
+        if requeue is not None:
+            requeue(self.received, None)
+        raise SystemExit(EXIT_PREEMPTED)
 
     def previous_handler(self) -> Callable[[int, FrameType | None], Any] | None:
         """The handler the received signal had before (e.g. submitit's requeue), if it was a Python function."""
