@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks import common
 from datasets.ranking import HigherCounter
-from utils.distributed import free_port, init_distributed
+from utils.launch import free_port, init_distributed
 
 ROOT = common.REPO_ROOT
 
@@ -81,9 +81,8 @@ def second_evaluation(args: argparse.Namespace, work: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ (b)
 def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, store: str, result: str) -> None:
-    import argparse as _argparse
 
-    from engine.features import Part, PartExtractor
+    from engine.features import Extraction, Part, PartExtractor
 
     torch.set_num_threads(1)
     ctx = init_distributed(local_rank, False, dist_url, 0, procs)
@@ -99,9 +98,8 @@ def _memory_rank(local_rank: int, path: str, n: int, procs: int, dist_url: str, 
                 scores = (queries @ torch.nn.functional.normalize(feats, dim=1).T)
                 HigherCounter(scores[:, :8].contiguous(), [8] * 70).add(scores)
             else:  # the store: each rank writes and scores its shards, one at a time
-                args = _argparse.Namespace(feature_cache=store, cache_dtype="float32", refresh_cache=False,
-                                           num_workers=0, amp="none", no_progress=True)
-                extractor = PartExtractor(common.synthetic_embed, ctx, args, {"model": "synthetic"})
+                how = Extraction(store=str(store), progress=False)
+                extractor = PartExtractor(common.synthetic_embed, ctx, how, {"model": "synthetic"})
                 part = Part(f"synthetic {n}", common.Synthetic(n), [str(i) for i in range(n)], {}, batch_size=1024)
                 counter = HigherCounter(queries[:, :8].contiguous(), [8] * 70)
                 for shard in extractor.shards(part):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from benchmarks import common
-from utils.distributed import free_port, init_distributed
 from utils.features import distributed_loader, feature_moments
+from utils.launch import free_port, init_distributed
 
 GLDV2_CLEAN = 1_580_470  # images of GLDv2-clean (the README's PCA command embeds them all)
 WORLD = 2

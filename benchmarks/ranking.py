@@ -6,7 +6,7 @@ Hard setup excludes them as NaN). Duplicate rows are planted so exact score ties
 
 * reference: ``ranks = argsort(-scores, dim=0)`` (stable: ties keep the lower index, the order both sides
   define) then revisitop's ``compute_map`` (re-implemented here from its description) for Easy, Medium, Hard;
-* this project: ``datasets.oxford_paris.evaluate_scores`` (positions of the labelled images by counting, no sort).
+* this project: ``datasets.revisitop.evaluate_scores`` (positions of the labelled images by counting, no sort).
 
 Both start from the (database x queries) score matrix; computing it is the same matrix product for both and is
 timed apart. Every run asserts that the two agree exactly: the ranking position of every labelled image and
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from datasets.oxford_paris import KAPPAS, MODES, evaluate_scores, item_positions, revisited_ground_truth
+from datasets.oxford_paris import MODES, revisited_ground_truth
+from datasets.revisitop import KAPPAS, evaluate_scores, item_positions
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data

@@ -32,7 +32,7 @@ from datasets.gld import GLDPairDataset
 from datasets.sampler import SeededItems
 from datasets.toy import make_toy_gld, make_toy_revisitop
 from datasets.transforms import gld_train_transform
-from engine.distill import build_teachers
+from models.distill_model import WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
 from models.students import load_student
 from models.teachers import TEACHER_FILES, build_teacher, write_published_layout
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with common.stage(f"gld_distill.py, {label}"):
                 run("gld_distill.py", *common_flags, "-c", work / label.replace(" ", "_"), *flags)
 
-        teacher_args = argparse.Namespace(teachers=list(TEACHERS), path_to_pretrained_weights=str(weights), p=3.0,
-                                          embed_dim=args.embed_dim, trust_checkpoint=False)
-        teachers = build_teachers(teacher_args).eval()
+        teachers = WhitenedTeachers(list(TEACHERS), str(weights), gem_p=3.0, embed_dim=args.embed_dim).eval()
         batches = held_out_batches(held, args.imsize, pairs=8, n_batches=4)
         with torch.no_grad():
             exact = [tuple([F.normalize(t, dim=-1) for t in teachers(x)] for x in pair) for pair in batches]

@@ -37,7 +37,8 @@ from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening
 from models.students import build_student
 from models.teachers import build_teacher
-from utils.distributed import DistContext, free_port, init_distributed
+from utils.distributed import DistContext
+from utils.launch import free_port, init_distributed
 from utils.runtime import autocast, check_amp
 
 TEACHER_SETS = {2: ("resnet101_delg", "resnet101_dolg"),

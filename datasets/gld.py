@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from datasets.images import open_rgb
 from datasets.sampler import ShardedEpochSampler
+from utils.errors import UserError
 from utils.files import files_exist, read_text
 from utils.log import get_logger
 
@@ -28,7 +29,7 @@ CSV_NAME = "meta/train_clean.csv"
 IDS_NAME = "meta/train_clean_ids.txt"
 
 
-class GLDDataError(ValueError):
+class GLDDataError(UserError, ValueError):
     """The GLDv2 folder is incomplete or malformed (the message names the file)."""
 
 

@@ -91,7 +91,8 @@ class ShardedEpochSampler(Sampler[list[int]]):
 
 
 def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The augmentation seed of the ``position``-th item a rank loads in an epoch."""
+    """The augmentation seed of the ``position``-th item a rank loads in an epoch (the one rule that mixes four
+    numbers into a seed: the teacher cache seeds its stored views with it too)."""
     return (((seed * 1_000_003 + epoch) * 10_007 + rank) * 4_000_037 + position) % (2**63)
 
 

@@ -1,8 +1,9 @@
 """Distillation training, shared by gld_distill.py and svd_distill.py.
 
-A script parses its flags (``engine.cli.add_distill_args`` + its own data and temperature flags), then calls
-``run_distillation(args, ctx, build_data)`` on every rank; ``build_data(args, ctx)`` returns a ``TrainData``
-whose loader yields ``(x1, x2)``: two views of the same items, the positives of the loss.
+``train(params, ctx)`` runs on every rank (``engine.run`` starts the ranks): ``params`` are a dataset's
+``engine.params.TrainParams``, whose ``dataset_name`` picks the data (``engine.training_data``); its loader yields
+``(x1, x2)``: two views of the same items, the positives of the loss. ``preflight(params)`` checks the data, the
+weight files and the run folder before any rank starts.
 
 As the paper: the student and the frozen whitened teachers, Adam over the student only, CosineAnnealingLR to
 1e-6 stepped every iteration, the multi-teacher similarity KL loss, checkpoints with ``epoch``/``state_dict``/
@@ -12,21 +13,18 @@ states; ``engine.resume`` says what a resume may change).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datasets.sampler import SeededBatches, SeededItems
-from datasets.transforms import ReplayableView
-from engine.cli import check_weight_files
+from engine.params import TrainParams
 from engine.resume import (
     adjust_to_flags,
     check_run_dir,
@@ -36,64 +34,77 @@ from engine.resume import (
     settle_run_dir,
 )
 from engine.teacher_cache import CachedItems, TeacherCache
+from engine.training_data import TRAINING_DATA, TrainData
 from models.distill_model import DistillationLoss, DistillModel, WhitenedTeachers
 from models.loss import MultiTeacherDistillLoss
+from models.pca_layer import load_teacher_pca, pca_weight_path
 from models.students import CHECKPOINT_PREFIX, build_student, student_checkpoint_state
-from utils.checkpoint import CheckpointError, load_state_strict, save_atomic
+from models.teachers import TEACHER_FILES, TEACHERS
+from utils.checkpoint import CheckpointError, describe_non_checkpoint, load_state_strict, save_atomic
 from utils.config import to_plain
-from utils.distributed import DistContext, barrier, broadcast_object, gather_objects, interrupted
+from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
+from utils.errors import UsageError, UserError
+from utils.files import sha256_file
 from utils.locks import lock_for_job
 from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
 from utils.log import progress as progress_bar
-from utils.preemption import StopRequest, ignore_stop_signals
+from utils.preemption import StopRequest, ignore_stop_signals, interrupted
 from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, snapshot_name
 from utils.runtime import autocast, configure_backends, rng_state, seed_everything, set_rng_state
 
 PREFETCH_BATCHES = 4  # per loader worker: enough to ride out a slow JPEG decode without holding much memory
 
 
-@dataclass
-class TrainData:
-    """What a script supplies: the dataset, a batch sampler with ``set_epoch``/``state_dict``/``load_state_dict``,
-    a collate function producing ``(x1, x2)``, and a fingerprint of the training list (names and order), by which a
-    resumed run notices that its data changed."""
-
-    dataset: Dataset
-    batch_sampler: Any
-    collate_fn: Callable | None = None
-    fingerprint: str = ""
-    # for --teacher_cache: the loader of an untransformed item (indexed as ``dataset``), the items' view
-    # distributions, and the collate function of cached items
-    load_item: Callable[[int], Any] | None = None
-    views: list[ReplayableView] | None = None
-    cached_collate: Callable | None = None
+def preflight(params: TrainParams) -> None:
+    """Everything a training run checks before it starts, in the launching process: the training data, the weight
+    files (their SHA-256 recorded in ``params.weight_sha256``), the run folder and a resume's compatibility."""
+    TRAINING_DATA[params.dataset_name][0](params)
+    params.weight_sha256 = check_weight_files(params)
+    check_run_dir(params)
 
 
-def preflight(args: argparse.Namespace, pca_script: str) -> None:
-    """Everything a training run checks before it starts (``launch`` runs it in the launching process)."""
-    check_weight_files(args, pca_script)
-    check_run_dir(args)
+def check_weight_files(params: TrainParams) -> dict[str, str]:
+    """Every teacher file exists and looks like a checkpoint; every PCA file exists and whitens its teacher's
+    descriptor to --embed_dim. Returns the files' SHA-256 by path under --path_to_pretrained_weights: a resumed run
+    and a teacher cache must use the same bytes."""
+    root = Path(params.path_to_pretrained_weights)
+    digests = {}
+    for name in params.teachers:
+        teacher_file = root / TEACHER_FILES[name]
+        if not teacher_file.is_file():
+            raise UserError(f"teacher {name}: weight file not found: {teacher_file}. Download the published teacher "
+                            "weights into --path_to_pretrained_weights.")
+        not_torch = describe_non_checkpoint(teacher_file)
+        if not_torch is not None:
+            raise UserError(f"teacher {name}: weight file {teacher_file} is not a PyTorch checkpoint: it is "
+                            f"{not_torch}. Download it again.")
+        load_teacher_pca(root, name, params.embed_dim, trust=params.trust_checkpoint,
+                         in_dim=TEACHERS[name].descriptor_dim)
+        for path in (teacher_file, pca_weight_path(root, name, params.embed_dim)):
+            digests[str(path.relative_to(root))] = sha256_file(path)
+    return digests
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-def build_teachers(args: argparse.Namespace) -> WhitenedTeachers:
-    return WhitenedTeachers(args.teachers, args.path_to_pretrained_weights, gem_p=args.p, embed_dim=args.embed_dim,
-                            trust=args.trust_checkpoint)
+def build_teachers(params: TrainParams) -> WhitenedTeachers:
+    return WhitenedTeachers(params.teachers, params.path_to_pretrained_weights, gem_p=params.p,
+                            embed_dim=params.embed_dim, trust=params.trust_checkpoint)
 
 
-def build_model(args: argparse.Namespace, ctx: DistContext, with_teachers: bool = True
+def build_model(params: TrainParams, ctx: DistContext, with_teachers: bool = True
                 ) -> tuple[nn.Module, nn.Module, DistillationLoss]:
     """(module to call, bare student, criterion with the frozen teachers), on ``ctx.device``; training from a
     teacher cache builds no teacher."""
     try:
-        student = build_student(args.arch, embed_dim=args.embed_dim, gem_p=args.p,
-                                pretrained=args.student_init == "imagenet")
+        student = build_student(params.arch, embed_dim=params.embed_dim, gem_p=params.p,
+                                pretrained=params.student_init == "imagenet")
     except (OSError, RuntimeError) as exc:  # offline ImageNet weights
         hint = "" if "--student_init" in str(exc) else " To train without ImageNet weights pass --student_init random."
-        raise SystemExit(f"{exc}{hint}") from exc
-    loss = MultiTeacherDistillLoss(st=args.st, tt=args.tt, strategy=args.strategy, teachers=args.teachers)
-    teachers = build_teachers(args) if with_teachers else None
-    criterion = DistillationLoss(teachers, loss, student_dim=args.embed_dim).to(ctx.device)
+        raise UserError(f"{exc}{hint}") from exc
+    loss = MultiTeacherDistillLoss(st=params.st, tt=params.tt, strategy=params.strategy, teachers=params.teachers,
+                                   ctx=ctx)
+    teachers = build_teachers(params) if with_teachers else None
+    criterion = DistillationLoss(teachers, loss, student_dim=params.embed_dim).to(ctx.device)
     model, student = wrap_distributed(DistillModel(student), ctx)
     return model, student, criterion
 
@@ -113,21 +124,21 @@ def wrap_distributed(model: DistillModel, ctx: DistContext) -> tuple[nn.Module, 
     return model, student
 
 
-def make_loader(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> tuple[DataLoader, SeededBatches]:
+def make_loader(data: TrainData, params: TrainParams, ctx: DistContext) -> tuple[DataLoader, SeededBatches]:
     """Every item is loaded with its own seed (``SeededBatches``): the augmentations do not depend on the number of
     workers and a run resumed in the middle of an epoch sees exactly the rest of it. Workers leave SIGTERM/SIGUSR1
     to the training process, which saves before it stops. The workers live as long as the run (the paper's schedule
     is 3,000 epochs of about 158 iterations: forking 8 workers per GPU every epoch would cost more than an
     iteration each time) and keep ``PREFETCH_BATCHES`` batches ready each; batches go to pinned memory for
     asynchronous copies to the GPU."""
-    batches = SeededBatches(data.batch_sampler, args.seed)
-    workers = args.num_workers > 0
+    batches = SeededBatches(data.batch_sampler, params.seed)
+    workers = params.num_workers > 0
     # The loader draws a base seed; from its own generator, not the global one, so that the random fusion
     # strategies' stream does not depend on where a run was resumed.
-    loader = DataLoader(SeededItems(data.dataset), batch_sampler=batches, num_workers=args.num_workers,
+    loader = DataLoader(SeededItems(data.dataset), batch_sampler=batches, num_workers=params.num_workers,
                         collate_fn=data.collate_fn, pin_memory=ctx.device.type == "cuda",
                         persistent_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
-                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(params.seed))
     return loader, batches
 
 
@@ -162,7 +173,7 @@ class EpochProgress:
 class Trainer:
     """Everything a checkpoint holds, with the step and epoch loops."""
 
-    args: argparse.Namespace
+    params: TrainParams
     ctx: DistContext
     model: nn.Module
     student: nn.Module
@@ -208,7 +219,7 @@ class Trainer:
             "iters_per_epoch": len(self.loader),
             "world_size": self.ctx.world_size,
             "data_fingerprint": self.data.fingerprint,
-            "args": to_plain(self.args),
+            "args": to_plain(vars(self.params)),  # every flag, as the paper's
         }
 
     def save(self, epoch: int, progress: EpochProgress | None = None) -> None:
@@ -216,8 +227,8 @@ class Trainer:
         state in the snapshot, which ``-r auto`` picks. In the middle of an epoch, checkpoint_last.pt only."""
         ckpt = self.checkpoint(epoch, progress)
         if ckpt is not None:
-            ckpt_dir = Path(self.args.ckpt_dir)
-            if ckpt["epoch_iteration"] == 0 and (epoch + 1) % self.args.snapshot_step == 0:
+            ckpt_dir = Path(self.params.ckpt_dir)
+            if ckpt["epoch_iteration"] == 0 and (epoch + 1) % self.params.snapshot_step == 0:
                 save_atomic(ckpt, ckpt_dir / snapshot_name(epoch + 1))
             save_atomic(ckpt, ckpt_dir / LAST_CHECKPOINT)
         barrier()
@@ -241,26 +252,26 @@ class Trainer:
         epoch = int(ckpt["epoch"])
         progress = EpochProgress(**ckpt["epoch_progress"]) if ckpt.get("epoch_iteration") else EpochProgress()
         if progress.iteration:
-            same = (ckpt.get("world_size") == self.ctx.world_size and saved.get("batch_size") == self.args.batch_size
+            same = (ckpt.get("world_size") == self.ctx.world_size and saved.get("batch_size") == self.params.batch_size
                     and ckpt.get("data_fingerprint") == self.data.fingerprint)
             if not same:
                 raise CheckpointError(f"-r/--resume {path} was written in the middle of epoch {epoch + 1}: it resumes "
                                       "with the same -b, number of processes and training list only (resume from an "
                                       "epoch-end snapshot to change them)")
-        if ckpt.get("scaler") and saved.get("amp", self.args.amp) == self.args.amp:
+        if ckpt.get("scaler") and saved.get("amp", self.params.amp) == self.params.amp:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt.get("iteration", 0))
         if ckpt.get("world_size") == self.ctx.world_size and "sampler" in ckpt and "rng" in ckpt:
             self.batches.load_state_dict(ckpt["sampler"][self.ctx.rank])
             set_rng_state(ckpt["rng"][self.ctx.rank], self.ctx.device)
-        notes = adjust_to_flags(self.args, ckpt, self.optimizer, self.scheduler, len(self.loader),
+        notes = adjust_to_flags(self.params, ckpt, self.optimizer, self.scheduler, len(self.loader),
                                 self.ctx.world_size, self.data.fingerprint)
         for note in notes:
             logger.warning("resume: %s", note)
         where = f", iteration {progress.iteration} of epoch {epoch + 1}" if progress.iteration else ""
         logger.info("resumed from %s at epoch %d%s (iteration %d)", path, epoch, where, self.iteration)
-        if self.ctx.is_main and not progress.iteration and epoch % self.args.snapshot_step == 0:
-            snapshot = Path(self.args.ckpt_dir) / snapshot_name(epoch)
+        if self.ctx.is_main and not progress.iteration and epoch % self.params.snapshot_step == 0:
+            snapshot = Path(self.params.ckpt_dir) / snapshot_name(epoch)
             if not snapshot.exists():  # killed before it was written (older runs wrote it after checkpoint_last)
                 save_atomic(ckpt, snapshot)
                 logger.info("wrote the missing snapshot %s", snapshot)
@@ -289,15 +300,15 @@ class Trainer:
             shutdown()
 
     def _run_epoch(self, epoch: int, progress: EpochProgress, batches: Any, n_iters: int) -> dict[str, Any]:
-        args, ctx = self.args, self.ctx
-        log_every = args.log_every if args.log_every > 0 else max(1, n_iters // 16)
+        params, ctx = self.params, self.ctx
+        log_every = params.log_every if params.log_every > 0 else max(1, n_iters // 16)
         epoch_meter, window_meter = Throughput(), Throughput()
         window_loss, window_n = 0.0, 0
         if progress.wins_at_start is None:
             progress.wins_at_start = self.pos_win_count.tolist()
         window_wins = self.pos_win_count.tolist()
-        bar = progress_bar(batches, enabled=ctx.is_main and not args.no_progress,
-                           total=n_iters - progress.iteration, desc=f"epoch {epoch + 1}/{args.epochs}", unit="it")
+        bar = progress_bar(batches, enabled=ctx.is_main and not params.no_progress,
+                           total=n_iters - progress.iteration, desc=f"epoch {epoch + 1}/{params.epochs}", unit="it")
         for it, (x1, x2, *cached) in enumerate(bar, start=progress.iteration):
             lr = self.scheduler.get_last_lr()[0]
             to = lambda t: t.to(ctx.device, non_blocking=True)  # noqa: E731
@@ -306,10 +317,10 @@ class Trainer:
             interrupted()  # a Ctrl-C swallowed by a finaliser during the step still stops here
             value = float(loss) / ctx.world_size  # the loss is scaled by the world size for DDP's averaging
             if not math.isfinite(value):
-                last = Path(args.ckpt_dir) / LAST_CHECKPOINT
+                last = Path(params.ckpt_dir) / LAST_CHECKPOINT
                 where = (f"resume from the last good checkpoint with -r {last}" if last.is_file() else
                          "no checkpoint was written yet: check the inputs (teacher and PCA files) first")
-                raise SystemExit(f"the loss became {value} at epoch {epoch + 1}, iteration {it + 1}: training "
+                raise UserError(f"the loss became {value} at epoch {epoch + 1}, iteration {it + 1}: training "
                                  f"diverged, or an input holds NaN. Try a lower --lr, --amp none (or bf16 instead of "
                                  f"fp16); {where}.")
             n_images = 2 * x1.shape[0] * ctx.world_size
@@ -319,8 +330,7 @@ class Trainer:
             progress.iteration = it + 1
             window_loss += value
             window_n += 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{window_meter.rate:.1f}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{window_meter.rate:.1f}", refresh=False)
             if (it + 1) % log_every == 0 or it + 1 == n_iters:
                 record = {"type": "iter", "epoch": epoch + 1, "iter": it + 1, "iteration": self.iteration,
                           "loss": window_loss / window_n, "lr": lr, "images_per_s": window_meter.rate,
@@ -341,7 +351,7 @@ class Trainer:
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor,
              cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
-        loss = distill_step(self.model, self.criterion, self.optimizer, self.scaler, x1, x2, self.args.amp,
+        loss = distill_step(self.model, self.criterion, self.optimizer, self.scaler, x1, x2, self.params.amp,
                             self.ctx.device, cached)
         self.scheduler.step()
         self.iteration += 1
@@ -357,30 +367,30 @@ class Trainer:
         return {name: c / total for name, c in zip(self.criterion.loss.teachers, delta)}
 
 
-def from_teacher_cache(data: TrainData, args: argparse.Namespace, ctx: DistContext) -> TrainData:
+def from_teacher_cache(data: TrainData, params: TrainParams, ctx: DistContext) -> TrainData:
     """The training items read from the teacher cache, which the first run that names it builds (with the
     teachers, which are then dropped)."""
     if data.load_item is None or not data.views or data.cached_collate is None:
-        raise SystemExit("--teacher_cache: this script's training data does not support a teacher cache")
+        raise UsageError("--teacher_cache: this script's training data does not support a teacher cache")
     n_items = len(data.dataset)
-    cache = TeacherCache(args, n_items, data.fingerprint, data.load_item, data.views)
+    cache = TeacherCache(params, n_items, data.fingerprint, data.load_item, data.views)
     if not broadcast_object(cache.complete if ctx.is_main else None):  # one decision for all ranks
         with StopRequest() as stop:  # a build takes hours: a cluster's stop keeps the finished shards
-            get_logger().info("teacher cache %s: building %d view(s) of %d items", args.teacher_cache,
-                              args.teacher_views, n_items)
+            get_logger().info("teacher cache %s: building %d view(s) of %d items", params.teacher_cache,
+                              params.teacher_views, n_items)
             state = rng_state(ctx.device)  # the build leaves the RNGs as it found them: the student starts the same
-            teachers = build_teachers(args).to(ctx.device)
+            teachers = build_teachers(params).to(ctx.device)
             cache.build(teachers, ctx, stop)
             if stop.agreed(ctx):
                 get_logger().warning("stopped on signal %s while building the teacher cache %s: its finished shards "
                                      "are kept; the same command (with -r auto) continues it", stop.received,
-                                     args.teacher_cache)
+                                     params.teacher_cache)
                 stop.exit_preempted()
         del teachers
         set_rng_state(state, ctx.device)
     else:
-        get_logger().info("teacher cache %s: reading %d view(s) of %d items (no teacher runs)", args.teacher_cache,
-                          args.teacher_views, n_items)
+        get_logger().info("teacher cache %s: reading %d view(s) of %d items (no teacher runs)", params.teacher_cache,
+                          params.teacher_views, n_items)
     return replace(data, dataset=CachedItems(cache), collate_fn=data.cached_collate)
 
 
@@ -400,60 +410,58 @@ def tail_note(sampler: Any) -> str:
     return ""
 
 
-def run_distillation(args: argparse.Namespace, ctx: DistContext,
-                     build_data: Callable[[argparse.Namespace, DistContext], TrainData]) -> Trainer:
-    """Train on every rank (called from the script's ``main_worker``); returns the trainer (tests inspect it).
+def train(params: TrainParams, ctx: DistContext) -> Trainer:
+    """Train on every rank; returns the trainer (tests inspect it).
 
     SIGTERM/SIGUSR1 stop every rank after the same iteration: checkpoint_last.pt is written (in the middle of the
     epoch), a handler installed before (submitit's requeue) runs, and the processes exit with ``EXIT_PREEMPTED``;
     ``-r auto`` resumes at the next iteration."""
-    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_dir = Path(params.ckpt_dir)
     run_lock = lock_for_job(ckpt_dir, "the run folder -c/--ckpt_dir", ctx.is_main)  # one job writes a run
     try:
-        return _run_distillation(args, ctx, build_data)
+        return _train(params, ctx)
     finally:
         if run_lock is not None:
             run_lock.release()
 
 
-def _run_distillation(args: argparse.Namespace, ctx: DistContext,
-                      build_data: Callable[[argparse.Namespace, DistContext], TrainData]) -> Trainer:
-    ckpt_dir = Path(args.ckpt_dir)
-    resume_from = broadcast_object(newest_checkpoint(args) if ctx.is_main else None)  # rank 0 decides for all
-    ckpt = read_training_checkpoint(resume_from, args.trust_checkpoint) if resume_from is not None else None
-    notes = prepare_run_dir(args, ckpt, resume_from) if ctx.is_main else []
+def _train(params: TrainParams, ctx: DistContext) -> Trainer:
+    ckpt_dir = Path(params.ckpt_dir)
+    resume_from = broadcast_object(newest_checkpoint(params) if ctx.is_main else None)  # rank 0 decides for all
+    ckpt = read_training_checkpoint(resume_from, params.trust_checkpoint) if resume_from is not None else None
+    notes = prepare_run_dir(params, ckpt, resume_from) if ctx.is_main else []
     barrier()
     logger = setup_logging(ctx.is_main, ckpt_dir / LOG_FILE)
-    log_run_header(logger, args, ctx.launch)
+    log_run_header(logger, params, ctx.launch)
     for note in notes:
         logger.info(note)
-    if args.resume == "auto" and resume_from is None:
+    if params.resume == "auto" and resume_from is None:
         logger.info("-r auto: no checkpoint in %s yet, starting from scratch", ckpt_dir)
     logger.info("world size %d, device %s", ctx.world_size, ctx.device)
-    seed_everything(args.seed)  # identical initialisation on every rank
-    data = build_data(args, ctx)
-    configure_backends(ctx.device, args.amp, args.deterministic, fixed_input_size=True)
-    cache = getattr(args, "teacher_cache", None)
+    seed_everything(params.seed)  # identical initialisation on every rank
+    data = TRAINING_DATA[params.dataset_name][1](params, ctx)
+    configure_backends(ctx.device, params.amp, params.deterministic, fixed_input_size=True)
+    cache = getattr(params, "teacher_cache", None)
     if cache:
-        data = from_teacher_cache(data, args, ctx)
-    loader, batches = make_loader(data, args, ctx)
-    model, student, criterion = build_model(args, ctx, with_teachers=not cache)
+        data = from_teacher_cache(data, params, ctx)
+    loader, batches = make_loader(data, params, ctx)
+    model, student, criterion = build_model(params, ctx, with_teachers=not cache)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    logger.info("student %s: %d trainable parameters; teachers %s", args.arch, n_train, args.teachers)
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    logger.info("student %s: %d trainable parameters; teachers %s", params.arch, n_train, params.teachers)
+    optimizer = torch.optim.Adam(student.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     n_iters = len(loader)
     logger.info("%d iterations per epoch, %d pairs per iteration over %d process(es)%s", n_iters,
-                args.batch_size * ctx.world_size, ctx.world_size, tail_note(data.batch_sampler))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * n_iters, eta_min=1e-6)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
-    trainer = Trainer(args, ctx, model, student, criterion, data, loader, batches, optimizer, scheduler, scaler,
+                params.batch_size * ctx.world_size, ctx.world_size, tail_note(data.batch_sampler))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * n_iters, eta_min=1e-6)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=params.amp == "fp16")
+    trainer = Trainer(params, ctx, model, student, criterion, data, loader, batches, optimizer, scheduler, scaler,
                       MetricsWriter(ckpt_dir / METRICS_FILE if ctx.is_main else None))
-    seed_everything(args.seed + ctx.rank)  # per-rank stream for the random fusion strategies
-    start_epoch, progress = args.start_epoch, EpochProgress()
+    seed_everything(params.seed + ctx.rank)  # per-rank stream for the random fusion strategies
+    start_epoch, progress = params.start_epoch, EpochProgress()
     if ckpt is not None:
         start_epoch, progress = trainer.resume(ckpt, resume_from)
     if ctx.is_main:
-        for note in settle_run_dir(args, ckpt):
+        for note in settle_run_dir(params, ckpt):
             logger.info(note)
     if ckpt is not None:
         trainer.metrics.write({"type": "resume", "epoch": start_epoch, "iteration": trainer.iteration,
@@ -462,15 +470,15 @@ def _run_distillation(args: argparse.Namespace, ctx: DistContext,
         with StopRequest() as stop:
             trainer.stop = stop
             try:
-                for epoch in range(start_epoch, args.epochs):
+                for epoch in range(start_epoch, params.epochs):
                     start = time.perf_counter()
                     record = trainer.train_epoch(epoch, progress if epoch == start_epoch else None)
                     record["seconds"] = time.perf_counter() - start
                     trainer.save(epoch)
                     trainer.metrics.write(record)
-                    logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, args.epochs,
+                    logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, params.epochs,
                                 record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
-                    if epoch + 1 < args.epochs and stop.agreed(ctx):
+                    if epoch + 1 < params.epochs and stop.agreed(ctx):
                         raise Stopped(epoch + 1, 0)
             except Stopped as where:
                 logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",

@@ -8,7 +8,6 @@ shards with or without the store makes the results bit-identical (float32 store)
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from models.embedder import Embedder, build_embedder
 from models.pca_layer import pca_weight_path
 from models.teachers import TEACHER_FILES
-from utils.argtypes import output_dir
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
-from utils.feature_store import DTYPES, REFRESH_FIX, StoreEntry, items_fingerprint
+from utils.errors import UserError
+from utils.feature_store import REFRESH_FIX, StoreEntry, items_fingerprint
 from utils.features import EmbedFn, embedded_batches
 from utils.files import sha256_file
+from utils.flags import role_values
 from utils.locks import lock_for_job
 from utils.log import get_logger
 from utils.preemption import ignore_stop_signals
@@ -34,30 +35,42 @@ IMAGE_SHARD = 256
 VIDEO_SHARD = 256  # videos per shard (up to 60 frames each)
 
 
-def add_store_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--feature_cache", default=None, metavar="DIR", type=output_dir,
-                       help="store of extracted descriptors: each part (queries, database, distractors, videos) is "
-                            "embedded once per model file, flags, item list and protocol, then read back (a killed "
-                            "extraction resumes). Image contents are not hashed: after changing images in place "
-                            "pass --refresh_cache")
-    group.add_argument("--cache_dtype", default="float32", choices=list(DTYPES),
-                       help="storage precision: float32 gives results bit-identical to a run without the store; "
-                            "float16 halves the disk (its effect on mAP: benchmarks/README.md)")
-    group.add_argument("--refresh_cache", action="store_true",
-                       help="extract the parts of this run again, replacing their store entries")
+@dataclass
+class Extraction:
+    """How a run makes and keeps descriptors: the store (``--feature_cache``; None: no store), its precision,
+    whether to extract again, the loader workers, the forwards' precision and the progress bars."""
+
+    store: str | None = None
+    dtype: str = "float32"
+    refresh: bool = False
+    num_workers: int = 0
+    amp: str = "none"
+    progress: bool = True
+
+    @classmethod
+    def of(cls, params: Any) -> Extraction:
+        """An evaluation's, from its parameters."""
+        return cls(params.feature_cache, params.cache_dtype, params.refresh_cache, params.num_workers, params.amp,
+                   not params.no_progress)
 
 
-def model_components(args: argparse.Namespace) -> dict[str, Any]:
-    """What of the model changes the descriptors: its files' bytes (hashed) and flags."""
-    if args.arch is not None:
-        return {"student": args.arch, "checkpoint_sha256": sha256_file(args.resume), "embed_dim": args.embed_dim,
-                "p": args.p}
-    weights = Path(args.path_to_pretrained_weights)
-    model = {"teacher": args.teacher, "file_sha256": sha256_file(weights / TEACHER_FILES[args.teacher]),
-             "pca": args.pca, "p": args.p, "embed_dim": args.embed_dim}
-    if args.pca:
-        model["pca_sha256"] = sha256_file(pca_weight_path(weights, args.teacher, args.embed_dim))
-    return model
+def evaluated_model(params: Any) -> Embedder:
+    """The model an evaluation embeds with (a student, or a teacher with or without its PCA), on the CPU."""
+    return build_embedder(arch=params.arch, resume=params.resume, teacher=params.teacher, pca=params.pca,
+                          weights_dir=params.path_to_pretrained_weights if params.teacher is not None else None,
+                          embed_dim=params.embed_dim, gem_p=params.p, trust=params.trust_checkpoint)
+
+
+def model_key(params: Any) -> dict[str, Any]:
+    """What of an evaluation's model and flags changes the descriptors of every part: the flags declared with
+    ``store=True`` and the bytes of the teacher's files (a student's checkpoint is hashed by its flag's key)."""
+    key = role_values(params, "store")
+    if params.teacher is not None:
+        weights = Path(params.path_to_pretrained_weights)
+        key["file_sha256"] = sha256_file(weights / TEACHER_FILES[params.teacher])
+        if params.pca:
+            key["pca_sha256"] = sha256_file(pca_weight_path(weights, params.teacher, params.embed_dim))
+    return key
 
 
 @dataclass
@@ -69,7 +82,8 @@ class Part:
     dataset: Dataset
     names: Sequence[str]
     protocol: dict[str, Any]
-    videos: bool = False  # several rows per item: batches are (images, rows per item, indices, *extras)
+    several_rows: bool = False  # rows per item vary (a video's frames, an image's K views): batches are
+    # (images, rows per item, indices, *extras)
     batch_size: int = 1
     collate_fn: Callable | None = None
     extras: tuple[str, ...] = ()  # arrays with a row per descriptor row, stored beside it
@@ -80,7 +94,7 @@ class Part:
 
     @property
     def shard_items(self) -> int:
-        return self.shard_size or (VIDEO_SHARD if self.videos else IMAGE_SHARD)
+        return self.shard_size or (VIDEO_SHARD if self.several_rows else IMAGE_SHARD)
 
 
 @dataclass
@@ -103,33 +117,37 @@ class StoreReport:
     extracted: list[str] = field(default_factory=list)
     read: list[str] = field(default_factory=list)
 
+    def record(self, folder: str | None, dtype: str) -> dict[str, Any]:
+        """The JSON results' ``feature_store`` entry."""
+        return {"dir": folder, "dtype": dtype, "extracted": self.extracted, "read": self.read}
+
 
 class PartExtractor:
     """Embeds or reads the shards of parts for one model, on every rank. ``model``: the store key's model
-    components (``model_components``; hashing the files is needed only with a store)."""
+    components (``model_key``; hashing the files is needed only with a store)."""
 
-    def __init__(self, embed: EmbedFn, ctx: DistContext, args: argparse.Namespace, model: dict[str, Any],
+    def __init__(self, embed: EmbedFn, ctx: DistContext, how: Extraction, model: dict[str, Any],
                  should_stop: Callable[[], bool] | None = None, label: str = "the model") -> None:
-        self.embed, self.ctx, self.args, self.model, self.label = embed, ctx, args, model, label
+        self.embed, self.ctx, self.how, self.model, self.label = embed, ctx, how, model, label
         self.report = StoreReport()
         # asked after each embedded shard (this rank's own answer: no collective); True ends the embedding, the
         # finished shards stay in the store and the entry stays incomplete, to be continued by a later run
         self.should_stop = should_stop
 
     def entry(self, part: Part) -> StoreEntry | None:
-        if self.args.feature_cache is None:
+        if self.how.store is None:
             return None
         components = {"part": part.name, "model": self.model, "protocol": part.protocol,
                       "items": part.items_key or items_fingerprint(part.names)}
-        return StoreEntry(self.args.feature_cache, components, len(part.names), part.shard_items,
-                          self.args.cache_dtype, videos=part.videos, extras=part.extras, fix=part.fix)
+        return StoreEntry(self.how.store, components, len(part.names), part.shard_items,
+                          self.how.dtype, videos=part.several_rows, extras=part.extras, fix=part.fix)
 
     def shards(self, part: Part) -> Iterator[Shard]:
         """This rank's shards of ``part``, in no particular order; the store entry is complete once all ranks have
         exhausted the iterator (call it on every rank)."""
         ctx = self.ctx
         entry = self.entry(part)
-        writes = entry is not None and broadcast_object((self.args.refresh_cache or not entry.complete)
+        writes = entry is not None and broadcast_object((self.how.refresh or not entry.complete)
                                                         if ctx.is_main else None)
         lock = lock_for_job(entry.folder, "the feature-store entry", ctx.is_main) if writes else None
         try:
@@ -140,7 +158,7 @@ class PartExtractor:
 
     def _shards(self, part: Part, entry: StoreEntry | None) -> Iterator[Shard]:
         ctx, logger = self.ctx, get_logger()
-        if entry is not None and self.args.refresh_cache and ctx.is_main:
+        if entry is not None and self.how.refresh and ctx.is_main:
             entry.clear()
         barrier()
         done = broadcast_object(sorted(entry.done_shards()) if entry is not None and ctx.is_main else None)
@@ -184,16 +202,16 @@ class PartExtractor:
         if not indices:
             return
         loader = DataLoader(Subset(part.dataset, indices), batch_size=part.batch_size, shuffle=False,
-                            num_workers=self.args.num_workers, collate_fn=part.collate_fn,
+                            num_workers=self.how.num_workers, collate_fn=part.collate_fn,
                             pin_memory=self.ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         pieces: list[list[torch.Tensor]] = []  # per item: its rows, then its extras' rows
         queue = iter(bounds)
         current = next(queue)
-        unit = part.unit or ("frames" if part.videos else "img")
-        for out, rest in embedded_batches(self.embed, loader, self.ctx, self.args.amp, not self.args.no_progress,
+        unit = part.unit or ("frames" if part.several_rows else "img")
+        for out, rest in embedded_batches(self.embed, loader, self.ctx, self.how.amp, self.how.progress,
                                           part.name, unit=unit):
-            per_item = rest[0].tolist() if part.videos else [1] * out.shape[0]
-            extras = rest[2:] if part.videos else []
+            per_item = rest[0].tolist() if part.several_rows else [1] * out.shape[0]
+            extras = rest[2:] if part.several_rows else []
             for item in zip(torch.split(out, per_item), *(torch.split(e, per_item) for e in extras)):
                 pieces.append(list(item))
                 s, start, end = current
@@ -210,10 +228,10 @@ class PartExtractor:
         if not bool(finite.all()):  # before it is stored or scored: a NaN ranks arbitrarily and fails later
             row_items = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor(rows))
             item = start + int(row_items[int((~finite).nonzero()[0])])
-            raise SystemExit(f"{self.label} gave non-finite descriptors (NaN or inf) for {part.name}, e.g. item "
+            raise UserError(f"{self.label} gave non-finite descriptors (NaN or inf) for {part.name}, e.g. item "
                              f"{part.names[item]}: its weights hold NaN/inf (check the -r/-t file)"
-                             + (" or --amp overflowed (run with --amp none)" if self.args.amp == "fp16" else ""))
-        lens = torch.tensor(rows, dtype=torch.long, device=feats.device) if part.videos else None
+                             + (" or --amp overflowed (run with --amp none)" if self.how.amp == "fp16" else ""))
+        lens = torch.tensor(rows, dtype=torch.long, device=feats.device) if part.several_rows else None
         extras = {name: torch.cat([p[1 + k] for p in pieces]) for k, name in enumerate(part.extras)}
         if entry is not None:
             entry.write_shard(s, feats.cpu().numpy(), None if lens is None else lens.cpu().numpy(),
@@ -228,5 +246,5 @@ class PartExtractor:
                 for sh in self.shards(part)]
         shards = sorted((s for rank in gather_objects(mine, self.ctx) for s in rank), key=lambda s: s[0])
         feats = torch.cat([s[1] for s in shards]).to(self.ctx.device)
-        lengths = torch.cat([s[2] for s in shards]).to(self.ctx.device) if part.videos else None
+        lengths = torch.cat([s[2] for s in shards]).to(self.ctx.device) if part.several_rows else None
         return feats, lengths

@@ -9,9 +9,7 @@ embedded or read once for all datasets of the run.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,26 +17,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from datasets.oxford_paris import (
-    KAPPAS,
-    DatasetError,
-    HigherCounter,
-    ImageList,
-    RevisitedDataset,
-    TopK,
-    distractor_images,
-    item_positions,
-    labelled_items,
-    padded_items,
-    result_from_positions,
-    save_query_strips,
-)
+from datasets.oxford_paris import DatasetError, ImageList, RevisitedDataset, distractor_images
+from datasets.ranking import HigherCounter, TopK
+from datasets.revisitop import KAPPAS, item_positions, labelled_items, padded_items, result_from_positions
+from datasets.revisitop_pictures import save_query_strips
 from datasets.transforms import imagenet_normalize
-from engine.features import Part, PartExtractor, model_components
-from models.embedder import build_embedder
+from engine.features import Extraction, Part, PartExtractor, evaluated_model, model_key
+from engine.params import ImageEvalParams
+from models.embedder import Embedder
 from utils.distributed import DistContext, barrier, gather_objects
 from utils.features import PAPER_SCALES
 from utils.files import fingerprint, write_json
+from utils.flags import protocol_values, role_values
 from utils.log import get_logger
 from utils.runtime import configure_backends
 
@@ -51,15 +41,35 @@ def require_images(images: ImageList, what: str) -> None:
                            f"{images.where}")
 
 
-def image_protocol(args: argparse.Namespace, crop: bool = False, boxes: list | None = None) -> dict:
-    """What of the protocol changes an image's descriptor (the store key): the flags, the data root (another root
-    holds other images under the same names) and, for cropped queries, the boxes read from the ground truth."""
-    protocol = {"imsize": args.imsize, "multiscale": args.multiscale,
-                "scales": list(PAPER_SCALES) if args.multiscale else [1.0], "amp": args.amp, "input": "imagenet",
-                "data_root": str(Path(args.data_path).resolve()) if getattr(args, "data_path", None) else None}
-    if crop:
-        protocol.update(crop_queries=True, boxes=fingerprint([[float(v) for v in box] for box in boxes or []]))
-    return protocol
+def query_key(params: ImageEvalParams, boxes: list | None) -> dict:
+    """What changes the queries' descriptors beyond the model's key: the flags declared for the queries only and,
+    for cropped queries, the boxes read from the ground truth."""
+    key = role_values(params, "store", scope="queries")
+    if params.crop_queries:
+        key["boxes"] = fingerprint([[float(v) for v in box] for box in boxes or []])
+    return key
+
+
+def result_protocol(params: ImageEvalParams, embedder: Embedder, ctx: DistContext) -> dict:
+    """The JSON record's protocol: the flags declared with ``protocol``, and what the run made of them."""
+    return {**protocol_values(params), "scales": list(PAPER_SCALES) if params.multiscale else [1.0],
+            "model": embedder.description, "embed_dim": embedder.embed_dim, "world_size": ctx.world_size}
+
+
+EVAL_TRANSFORM = T.Compose([T.ToTensor(), imagenet_normalize()])
+
+
+def dataset_parts(params: ImageEvalParams, ds: RevisitedDataset) -> dict[str, Part]:
+    """A dataset's queries and database, as the evaluation embeds them."""
+    queries = ds.queries(EVAL_TRANSFORM, params.imsize, crop=params.crop_queries)
+    boxes = [g["bbx"] for g in ds.gnd] if params.crop_queries else None
+    return {"query": Part(f"{ds.name} queries", queries, ds.qimlist, query_key(params, boxes)),
+            "database": Part(f"{ds.name} database", ds.database(EVAL_TRANSFORM, params.imsize), ds.imlist, {})}
+
+
+def distractor_part(params: ImageEvalParams) -> Part:
+    images = distractor_images(params.data_path, EVAL_TRANSFORM, params.imsize)
+    return Part("revisitop1m distractors", images, images.names, {})
 
 
 @dataclass
@@ -113,36 +123,23 @@ def finish_dataset(run: DatasetRun, ctx: DistContext) -> tuple[list[np.ndarray],
 
 
 @torch.inference_mode()
-def evaluate_images(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
-    """Evaluate ``args.dataset`` (one or more names); prints the revisitop lines, writes JSON and pictures on rank 0
+def evaluate_images(params: ImageEvalParams, ctx: DistContext) -> list[dict]:
+    """Evaluate ``params.dataset`` (one or more names); prints the revisitop lines, writes JSON and pictures on rank 0
     and returns the JSON records."""
     logger = get_logger()
-    configure_backends(ctx.device, args.amp)  # images of varying sizes: no cuDNN autotuning
-    embedder = build_embedder(arch=args.arch, resume=args.resume, teacher=args.teacher, pca=args.pca,
-                              weights_dir=args.path_to_pretrained_weights, embed_dim=args.embed_dim, gem_p=args.p,
-                              trust=args.trust_checkpoint).to(ctx.device)
+    configure_backends(ctx.device, params.amp)  # images of varying sizes: no cuDNN autotuning
+    embedder = evaluated_model(params).to(ctx.device)
     logger.info("model: %s", embedder.description)
-    extractor = PartExtractor(embedder.multi if args.multiscale else embedder.single, ctx, args,
-                              model_components(args) if args.feature_cache else {},
+    extractor = PartExtractor(embedder.multi if params.multiscale else embedder.single, ctx, Extraction.of(params),
+                              model_key(params) if params.feature_cache else {},
                               label=f"the model ({embedder.description})")
-    transform = T.Compose([T.ToTensor(), imagenet_normalize()])
-    datasets = [RevisitedDataset(args.data_path, name) for name in args.dataset]
-    parts = {}
-    for ds in datasets:
-        queries = ds.queries(transform, args.imsize, crop=args.crop_queries)
-        boxes = [g["bbx"] for g in ds.gnd] if args.crop_queries else None
-        parts[ds.name] = {"query": Part(f"{ds.name} queries", queries, ds.qimlist,
-                                              image_protocol(args, args.crop_queries, boxes)),
-                          "database": Part(f"{ds.name} database", ds.database(transform, args.imsize),
-                                                 ds.imlist, image_protocol(args))}
-    distractors = None
-    if args.plus1m:
-        images = distractor_images(args.data_path, transform, args.imsize)
-        distractors = Part("revisitop1m distractors", images, images.names, image_protocol(args))
+    datasets = [RevisitedDataset(params.data_path, name) for name in params.dataset]
+    parts = {ds.name: dataset_parts(params, ds) for ds in datasets}
+    distractors = distractor_part(params) if params.plus1m else None
     every_part = [part for group in parts.values() for part in group.values()] + ([distractors] if distractors else [])
     for part in every_part:  # before hours of extraction (1M parallel stats take seconds)
         require_images(part.dataset, part.name)
-    k = args.visualize_top if args.visualize else None
+    k = params.visualize_top if params.visualize else None
     runs = [start_dataset(ds, extractor, parts[ds.name], k, ctx) for ds in datasets]
     if distractors is not None:  # one pass over the distractors scores every dataset's queries
         for shard in extractor.shards(distractors):
@@ -161,20 +158,16 @@ def evaluate_images(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
         result = result_from_positions(run.items, positions, ds.gnd, ds.name, KAPPAS)
         for line in result.lines():
             print(line, flush=True)
-        protocol = {"crop_queries": args.crop_queries, "imsize": args.imsize, "multiscale": args.multiscale,
-                    "scales": list(PAPER_SCALES) if args.multiscale else [1.0], "plus1m": args.plus1m,
-                    "model": embedder.description, "gem_p": args.p, "embed_dim": embedder.embed_dim,
-                    "amp": args.amp, "world_size": ctx.world_size}
+        protocol = result_protocol(params, embedder, ctx)
         record = result.to_json(ds.n_queries, ds.n_database, len(distractors.names) if distractors else 0, protocol)
-        record["feature_store"] = {"dir": args.feature_cache, "dtype": args.cache_dtype,
-                                   "extracted": extractor.report.extracted, "read": extractor.report.read}
+        record["feature_store"] = extractor.report.record(params.feature_cache, params.cache_dtype)
         records.append(record)
-        if args.visualize:
-            written = save_query_strips(args.visualize, ds, best, args.crop_queries,
+        if params.visualize:
+            written = save_query_strips(params.visualize, ds, best, params.crop_queries,
                                         distractors.dataset if distractors else None)
-            logger.info("%d retrieval pictures written to %s", len(written), args.visualize)
-    if ctx.is_main and args.output_json:
-        write_json(args.output_json, records[0] if len(records) == 1 else records)
-        logger.info("results written to %s", args.output_json)
+            logger.info("%d retrieval pictures written to %s", len(written), params.visualize)
+    if ctx.is_main and params.output_json:
+        write_json(params.output_json, records[0] if len(records) == 1 else records)
+        logger.info("results written to %s", params.output_json)
     barrier()
     return records

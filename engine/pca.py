@@ -10,23 +10,29 @@ features of GLDv2-clean's 1.58M images would be 13 GB per copy).
 """
 from __future__ import annotations
 
-import argparse
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
+from datasets.gld import GLDImageDataset, check_images_exist, read_image_ids
+from datasets.svd.data import FrameList, sample_pca_frames
+from datasets.svd.meta import SVDMeta
+from datasets.transforms import gld_train_transform, svd_pca_transform
+from engine.params import GLDPCAParams, PCAParams, SVDPCAParams
+from engine.training_data import check_svd_data
+from models.pca_layer import PCAWhitening, save_pca_layer
 from models.teachers import build_teacher
 from utils.distributed import DistContext, barrier
+from utils.errors import UsageError, UserError
 from utils.features import distributed_loader, feature_moments
-from utils.log import get_logger
-from utils.runtime import configure_backends
+from utils.log import get_logger, log_run_header, setup_logging
+from utils.runtime import configure_backends, seed_everything
 
 T = TypeVar("T")
 
@@ -41,13 +47,6 @@ def sample_items(items: Sequence[T], num_samples: int, seed: int) -> list[T]:
     return items if num_samples <= 0 else items[:num_samples]
 
 
-def output_path(args: argparse.Namespace, teacher_name: str) -> Path:
-    """``--dump_to``, or the published file name under ``--path_to_pretrained_weights``."""
-    if args.dump_to:
-        return Path(args.dump_to)
-    return pca_weight_path(args.path_to_pretrained_weights, teacher_name, args.embed_dim)
-
-
 def kept_energy(layer: PCAWhitening) -> float:
     """Share of the total variance (eigenvalue sum) carried by the ``dim2`` kept directions."""
     d = layer.d.clamp_min(0).sort(descending=True).values
@@ -55,48 +54,86 @@ def kept_energy(layer: PCAWhitening) -> float:
     return float(d[: int(layer.dim2)].sum()) / total if total > 0 else float("nan")
 
 
-def learn_pca(teacher_name: str, dataset: Dataset, args: argparse.Namespace, ctx: DistContext) -> Path | None:
+def learn_pca(params: PCAParams, dataset: Dataset, ctx: DistContext) -> Path | None:
     """Embed ``dataset`` (items ``(image, index)``) with the teacher and fit/save its PCA layer on rank 0.
-
-    Uses ``args``: path_to_pretrained_weights, p, trust_checkpoint, embed_dim, batch_size, num_workers, amp,
-    deterministic, no_progress, dump_to. Returns the written path on rank 0, ``None`` elsewhere.
-    """
+    Returns the written path on rank 0, ``None`` elsewhere."""
     logger = get_logger()
-    configure_backends(ctx.device, args.amp, args.deterministic, fixed_input_size=True)
-    out = output_path(args, teacher_name)
-    teacher = build_teacher(teacher_name, args.path_to_pretrained_weights, gem_p=args.p,
-                            trust=args.trust_checkpoint)
+    configure_backends(ctx.device, params.amp, params.deterministic, fixed_input_size=True)
+    teacher_name, out = params.teacher, params.output
+    teacher = build_teacher(teacher_name, params.path_to_pretrained_weights, gem_p=params.p,
+                            trust=params.trust_checkpoint)
     teacher = teacher.to(ctx.device).eval()
     dim1 = int(teacher.embed_dim)
-    if not 0 < args.embed_dim <= dim1:
-        raise SystemExit(f"--embed_dim {args.embed_dim} must be between 1 and the {dim1}-d descriptor of "
-                         f"teacher {teacher_name}")
     n = len(dataset)
     if n < 2:
-        raise SystemExit(f"PCA learning needs at least 2 images, the sample has {n} (check --num_samples)")
+        raise UsageError(f"PCA learning needs at least 2 images, the sample has {n} (check --num_samples)")
     logger.info("PCA learning for %s: %d images, %d -> %d dims, output %s", teacher_name, n, dim1,
-                args.embed_dim, out)
+                params.embed_dim, out)
     if n < dim1:
         logger.info("note: %d images < %d dims, so at most %d eigenvalues are non-zero", n, dim1, n - 1)
 
     start = time.perf_counter()
-    loader = distributed_loader(dataset, ctx, batch_size=args.batch_size, num_workers=args.num_workers)
-    moments = feature_moments(lambda x: F.normalize(teacher(x).float(), p=2, dim=-1), loader, ctx, amp=args.amp,
-                              show_progress=not args.no_progress, desc=f"{teacher_name} features")
+    loader = distributed_loader(dataset, ctx, batch_size=params.batch_size, num_workers=params.num_workers)
+    moments = feature_moments(lambda x: F.normalize(teacher(x).float(), p=2, dim=-1), loader, ctx, amp=params.amp,
+                              show_progress=not params.no_progress, desc=f"{teacher_name} features")
     logger.info("extracted %d x %d features in %.1f s (folded into their sums)", int(moments.count), dim1,
                 time.perf_counter() - start)
     if int(moments.count) != n:
         raise RuntimeError(f"PCA learning embedded {int(moments.count)} images, expected {n}")
     if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.gram).all()):
-        raise SystemExit(f"teacher {teacher_name} produced non-finite features; check its weight file"
-                         + (" or run without --amp" if args.amp != "none" else ""))
+        raise UserError(f"teacher {teacher_name} produced non-finite features; check its weight file"
+                         + (" or run without --amp" if params.amp != "none" else ""))
 
     written = None
     if ctx.is_main:
-        layer = PCAWhitening(dim1, args.embed_dim).fit_moments(moments.count, moments.total, moments.gram)
+        layer = PCAWhitening(dim1, params.embed_dim).fit_moments(moments.count, moments.total, moments.gram)
         save_pca_layer(layer, out)
         logger.info("kept energy: %.2f %% (%d of %d eigenvalues raised to eps); wrote %s",
                     100.0 * kept_energy(layer), int(layer.n_0), dim1, out)
         written = out
     barrier()
     return written
+
+
+# ------------------------------------------------------------------------------------- the images of each dataset
+def sampled_gld_ids(params: GLDPCAParams) -> list[str]:
+    return sample_items(read_image_ids(params.gld_root_path, params.gld_ids), params.num_samples, params.seed)
+
+
+def check_gld_images(params: GLDPCAParams) -> None:
+    """Before any work: every sampled image exists."""
+    check_images_exist(params.gld_root_path, sampled_gld_ids(params), "sampled")
+
+
+def gld_images(params: GLDPCAParams) -> Dataset:
+    """GLDv2 images sampled as the paper (``--num_samples``), each with a random crop."""
+    return GLDImageDataset(params.gld_root_path, sampled_gld_ids(params), gld_train_transform(params.imsize))
+
+
+def svd_frames(params: SVDPCAParams) -> Dataset:
+    """Up to ``--frames_per_video`` random frames of every SVD training video (one seeded RNG, the same on every
+    rank)."""
+    meta = SVDMeta.from_yaml(params.dataset_meta)
+    videos, counts = meta.training_videos()
+    frames = sample_pca_frames(videos, counts, params.frames_per_video, params.seed)
+    get_logger().info("SVD PCA frames: %d from %d training videos", len(frames), len(videos))
+    return FrameList(meta.frame_root, frames, svd_pca_transform(params.crop_size))
+
+
+# dataset_name -> (check before any work, the images to embed)
+PCA_DATA: dict[str, tuple[Callable[[Any], None], Callable[[Any], Dataset]]] = {
+    "gldv2": (check_gld_images, gld_images),
+    "svd": (check_svd_data, svd_frames),
+}
+
+
+def pca_preflight(params: PCAParams) -> None:
+    PCA_DATA[params.dataset_name][0](params)
+
+
+def pca_worker(params: PCAParams, ctx: DistContext) -> Path | None:
+    """A PCA-learning run on every rank."""
+    logger = setup_logging(ctx.is_main)
+    log_run_header(logger, params, ctx.launch)
+    seed_everything(params.seed + ctx.rank)  # augmentation differs per rank, reproducibly
+    return learn_pca(params, PCA_DATA[params.dataset_name][1](params), ctx)

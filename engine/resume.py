@@ -8,16 +8,18 @@ state and applies the flags that may change.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.params import TrainParams
 from utils.checkpoint import CheckpointError, load_file
 from utils.config import dump_args, to_plain
+from utils.errors import UserError
 from utils.files import read_jsonl, stale_temporaries
+from utils.flags import MAY_CHANGE, MUST_MATCH, record, resume_policy, spec_of
 from utils.run_dir import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
@@ -28,23 +30,15 @@ from utils.run_dir import (
     truncate_metrics,
 )
 
-# What a resumed run does with each flag whose value differs from the run it resumes (every flag of both training
-# scripts is in exactly one set; a test checks it):
-# - RESUME_MUST_MATCH change the model, the objective or the data order: refused, naming the checkpoint's value;
-# - RESUME_ADJUSTS continue correctly from the resumed state and are logged: --epochs re-plans the cosine schedule
+# What a resumed run does with each flag whose value differs from the run it resumes is declared with the flag
+# (``engine.params``, ``resume=``):
+# - MUST_MATCH flags change the model, the objective or the data order: refused, naming the checkpoint's value;
+# - MAY_CHANGE flags continue correctly from the resumed state and are logged: --epochs re-plans the cosine schedule
 #   from the current epoch (the lr jumps to the new curve, as timm's resume does), --lr/--wd take effect at the same
 #   point of the schedule, another -b, world size or training list keeps the schedule's position in epochs (the
 #   iterations per epoch change; the data order then differs from an uninterrupted run), --amp switches precision;
-# - RESUME_NO_EFFECT do not change the result (where things are, logging, launch).
+# - FREE flags do not change the result (where things are, logging, launch).
 # The teacher and PCA files' bytes (``weight_sha256``, recorded at the start of every run) must match too.
-RESUME_MUST_MATCH = frozenset({"arch", "teachers", "embed_dim", "p", "strategy", "st", "tt", "seed", "imsize",
-                               "crop_size", "teacher_views", "teacher_cache_dtype"})
-RESUME_ADJUSTS = frozenset({"epochs", "lr", "weight_decay", "batch_size", "amp", "gld_root_path", "gld_csv",
-                            "dataset_meta", "teacher_cache"})
-RESUME_NO_EFFECT = frozenset({"ckpt_dir", "resume", "overwrite", "num_workers", "path_to_pretrained_weights",
-                              "snapshot_step", "log_every", "no_progress", "trust_checkpoint", "device", "dist_url",
-                              "nproc_per_node", "rank", "world_size", "start_epoch", "student_init", "warmup_epochs",
-                              "t", "weight_sha256", "deterministic"})
 TRAINING_STATE = ("epoch", "state_dict", "optimizer", "lr_scheduler", "loss_fn")
 
 
@@ -60,19 +54,19 @@ def read_training_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
     return ckpt
 
 
-def newest_checkpoint(args: argparse.Namespace) -> Path | None:
+def newest_checkpoint(params: TrainParams) -> Path | None:
     """``-r PATH``, or for ``-r auto`` the newest of checkpoint_last.pt and the snapshots (None: nothing yet)."""
-    if args.resume is None:
+    if params.resume is None:
         return None
-    if args.resume != "auto":
-        return Path(args.resume)
-    folder = Path(args.ckpt_dir)
+    if params.resume != "auto":
+        return Path(params.resume)
+    folder = Path(params.ckpt_dir)
     candidates = snapshots(folder)
     last = folder / LAST_CHECKPOINT
     best_epoch, best = -1, None
     if last.is_file():
         try:
-            best_epoch, best = int(read_training_checkpoint(last, args.trust_checkpoint)["epoch"]), last
+            best_epoch, best = int(read_training_checkpoint(last, params.trust_checkpoint)["epoch"]), last
         except CheckpointError as exc:
             hint = (f"; resume from a snapshot instead: -r {candidates[max(candidates)]}" if candidates else "")
             raise CheckpointError(f"{exc}{hint}") from None
@@ -87,48 +81,48 @@ def training_script(flags: dict[str, Any]) -> str:
     return "svd_distill.py" if "dataset_meta" in flags else "gld_distill.py"
 
 
-def check_run_dir(args: argparse.Namespace) -> None:
+def check_run_dir(params: TrainParams) -> None:
     """Before any work: a fresh run never writes into a folder that holds a run, and a resume is refused here (before
-    anything is written) when the checkpoint's run differs in a flag of RESUME_MUST_MATCH or in its weight files."""
-    ckpt_dir = Path(args.ckpt_dir)
+    anything is written) when the checkpoint's run differs in a MUST_MATCH flag or in its weight files."""
+    ckpt_dir = Path(params.ckpt_dir)
     try:
         read_jsonl(ckpt_dir / METRICS_FILE)
     except ValueError as exc:
-        raise SystemExit(f"{exc}: the run's metrics are damaged (its checkpoints are not): delete or mend that line, "
+        raise UserError(f"{exc}: the run's metrics are damaged (its checkpoints are not): delete or mend that line, "
                          "then run again") from None
-    path = newest_checkpoint(args)
+    path = newest_checkpoint(params)
     outside = path is not None and path.resolve().parent != ckpt_dir.resolve()
-    if (path is None and args.resume is None) or outside:
+    if (path is None and params.resume is None) or outside:
         existing = run_files(ckpt_dir)
-        if existing and not args.overwrite:
+        if existing and not params.overwrite:
             what = "resume it with -r auto" if path is None else "continue -r in another folder"
             names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
-            raise SystemExit(f"-c/--ckpt_dir {ckpt_dir} already holds a training run ({names}): {what}, choose a "
+            raise UserError(f"-c/--ckpt_dir {ckpt_dir} already holds a training run ({names}): {what}, choose a "
                              "new -c folder, or pass --overwrite to delete that run and start afresh.")
     if path is None:
         return
-    ckpt = read_training_checkpoint(path, args.trust_checkpoint)
+    ckpt = read_training_checkpoint(path, params.trust_checkpoint)
     saved = ckpt.get("args") or {}
-    if saved and training_script(saved) != training_script(vars(args)):  # their data flags never meet
-        raise SystemExit(f"-r/--resume {path} was written by {training_script(saved)}: resume it with that script, "
+    if saved and training_script(saved) != training_script(vars(params)):  # their data flags never meet
+        raise UserError(f"-r/--resume {path} was written by {training_script(saved)}: resume it with that script, "
                          "or train afresh in a new -c folder.")
-    for key in sorted(RESUME_MUST_MATCH):
-        if key in saved and hasattr(args, key) and saved[key] != to_plain(getattr(args, key)):
-            shown = " ".join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
-            raise SystemExit(f"-r/--resume {path} was trained with --{key} {shown}, this run has --{key} "
-                             f"{_shown(getattr(args, key))}: a resumed run keeps its model, objective and data "
-                             f"order. Resume with --{key} {shown}, or train afresh in a new -c folder.")
-    old_files, new_files = saved.get("weight_sha256") or {}, getattr(args, "weight_sha256", {}) or {}
+    for key in sorted(resume_policy(type(params), MUST_MATCH)):
+        if key in saved and saved[key] != to_plain(getattr(params, key)):
+            shown, flag = _shown(saved[key]), spec_of(params, key).names[-1]
+            raise UserError(f"-r/--resume {path} was trained with {flag} {shown}, this run has {flag} "
+                            f"{_shown(getattr(params, key))}: a resumed run keeps its model, objective and data "
+                            f"order. Resume with {flag} {shown}, or train afresh in a new -c folder.")
+    old_files, new_files = saved.get("weight_sha256") or {}, params.weight_sha256
     changed = sorted(k for k in old_files.keys() & new_files.keys() if old_files[k] != new_files[k])
     if changed:
-        raise SystemExit(f"-r/--resume {path}: the weight file(s) {changed} under --path_to_pretrained_weights "
+        raise UserError(f"-r/--resume {path}: the weight file(s) {changed} under --path_to_pretrained_weights "
                          "differ from those the run was trained with (another SHA-256); resume with the original "
                          "files, or train afresh in a new -c folder.")
     epoch = int(ckpt["epoch"])
-    if epoch > args.epochs:
-        raise SystemExit(f"-r/--resume {path} has already trained {epoch} epochs, more than --epochs "
-                         f"{args.epochs}; pass --epochs {epoch} or more.")
-    if epoch == args.epochs:
+    if epoch > params.epochs:
+        raise UserError(f"-r/--resume {path} has already trained {epoch} epochs, more than --epochs "
+                         f"{params.epochs}; pass --epochs {epoch} or more.")
+    if epoch == params.epochs:
         print(f"{path} has already trained all {epoch} epochs: nothing to do (raise --epochs to train longer).",
               flush=True)
         raise SystemExit(0)
@@ -139,14 +133,14 @@ def _shown(value: Any) -> str:
 
 
 
-def prepare_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None, resumed_from: Path | None
+def prepare_run_dir(params: TrainParams, ckpt: dict[str, Any] | None, resumed_from: Path | None
                     ) -> list[str]:
     """Rank 0, after the checks: --overwrite's clean-up and the temporaries of a killed write. Returns what it did,
     for the log. The run's record (config.yaml, metrics) is left as it is until the resume has been accepted
     (``settle_run_dir``): a refused resume changes nothing."""
-    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_dir = Path(params.ckpt_dir)
     notes = []
-    if args.overwrite and (resumed_from is None or resumed_from.resolve().parent != ckpt_dir.resolve()):
+    if params.overwrite and (resumed_from is None or resumed_from.resolve().parent != ckpt_dir.resolve()):
         deleted = clear_run(ckpt_dir)
         if deleted:
             notes.append(f"--overwrite: deleted the previous run's {len(deleted)} file(s) in {ckpt_dir}")
@@ -161,56 +155,59 @@ def prepare_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None, resum
     return notes
 
 
-def settle_run_dir(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> list[str]:
+def settle_run_dir(params: TrainParams, ckpt: dict[str, Any] | None) -> list[str]:
     """Rank 0, once the run starts or its resume has been accepted: config.yaml with the flags the run goes on with,
     and metrics consistent with the resumed state (records of iterations that will run again are dropped, a torn
     last line mended). Returns what it did, for the log."""
-    ckpt_dir = Path(args.ckpt_dir)
-    dump_args(args, ckpt_dir / CONFIG_FILE)
+    ckpt_dir = Path(params.ckpt_dir)
+    dump_args({**record(params), "weight_sha256": params.weight_sha256}, ckpt_dir / CONFIG_FILE)
     dropped = truncate_metrics(ckpt_dir, int(ckpt.get("iteration", 0)) if ckpt else 0)
     if dropped:
         return [f"{METRICS_FILE}: dropped {dropped} record(s) of iterations after the resumed state (they run again)"]
     return []
 
 
-def adjust_to_flags(args: argparse.Namespace, ckpt: dict[str, Any], optimizer: torch.optim.Optimizer,
+def adjust_to_flags(params: TrainParams, ckpt: dict[str, Any], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, n_iters: int, world_size: int,
                     fingerprint: str) -> list[str]:
-    """Apply the RESUME_ADJUSTS flags that differ from the checkpoint's run (the optimizer and scheduler are
+    """Apply the MAY_CHANGE flags that differ from the checkpoint's run (the optimizer and scheduler are
     already restored); returns what changed, in words, for the log."""
     saved, epoch, notes = ckpt.get("args") or {}, int(ckpt["epoch"]), []
-    old_iters = ckpt.get("iters_per_epoch") or (scheduler.T_max // max(1, saved.get("epochs", args.epochs)))
+    old_iters = ckpt.get("iters_per_epoch") or (scheduler.T_max // max(1, saved.get("epochs", params.epochs)))
     if ckpt.get("world_size") != world_size:
         notes.append(f"world size {ckpt.get('world_size')} -> {world_size}: the sampler and RNG states are per "
                      "process, so the data order and augmentations differ from an uninterrupted run")
-    if saved.get("batch_size", args.batch_size) != args.batch_size:
-        notes.append(f"-b {saved['batch_size']} -> {args.batch_size} pairs per process")
+    if saved.get("batch_size", params.batch_size) != params.batch_size:
+        notes.append(f"-b {saved['batch_size']} -> {params.batch_size} pairs per process")
     if ckpt.get("data_fingerprint", fingerprint) != fingerprint:
         notes.append("the training list changed since the checkpoint (other images/videos or order)")
     if old_iters != n_iters:
         notes.append(f"{old_iters} -> {n_iters} iterations per epoch: the cosine schedule keeps its position "
-                     f"(epoch {epoch} of {args.epochs}); the data order differs from an uninterrupted run")
-    if saved.get("epochs", args.epochs) != args.epochs:
-        notes.append(f"--epochs {saved['epochs']} -> {args.epochs}: the cosine schedule is re-planned for "
-                     f"{args.epochs} epochs from epoch {epoch}")
-    if saved.get("lr", args.lr) != args.lr:
-        notes.append(f"--lr {saved['lr']:g} -> {args.lr:g}: the new base lr at the same point of the schedule")
-    if (old_iters != n_iters or saved.get("epochs", args.epochs) != args.epochs
-            or saved.get("lr", args.lr) != args.lr):
+                     f"(epoch {epoch} of {params.epochs}); the data order differs from an uninterrupted run")
+    if saved.get("epochs", params.epochs) != params.epochs:
+        notes.append(f"--epochs {saved['epochs']} -> {params.epochs}: the cosine schedule is re-planned for "
+                     f"{params.epochs} epochs from epoch {epoch}")
+    if saved.get("lr", params.lr) != params.lr:
+        notes.append(f"--lr {saved['lr']:g} -> {params.lr:g}: the new base lr at the same point of the schedule")
+    if (old_iters != n_iters or saved.get("epochs", params.epochs) != params.epochs
+            or saved.get("lr", params.lr) != params.lr):
         before = scheduler.get_last_lr()[0]
-        after = set_cosine_position(optimizer, scheduler, args.lr, epoch * n_iters, args.epochs * n_iters)
+        after = set_cosine_position(optimizer, scheduler, params.lr, epoch * n_iters, params.epochs * n_iters)
         notes.append(f"lr {before:.3e} -> {after:.3e}")
-    if saved.get("weight_decay", args.weight_decay) != args.weight_decay:
+    if saved.get("weight_decay", params.weight_decay) != params.weight_decay:
         for group in optimizer.param_groups:
-            group["weight_decay"] = args.weight_decay
-        notes.append(f"--wd {saved['weight_decay']:g} -> {args.weight_decay:g}")
-    if saved.get("amp", args.amp) != args.amp:
-        notes.append(f"--amp {saved['amp']} -> {args.amp}"
-                     + (" (the fp16 loss scale starts afresh)" if args.amp == "fp16" else ""))
-    for key in ("gld_root_path", "gld_csv", "dataset_meta", "teacher_cache"):
-        if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
-            notes.append(f"--{key} {saved[key]} -> {getattr(args, key)}")
+            group["weight_decay"] = params.weight_decay
+        notes.append(f"--wd {saved['weight_decay']:g} -> {params.weight_decay:g}")
+    if saved.get("amp", params.amp) != params.amp:
+        notes.append(f"--amp {saved['amp']} -> {params.amp}"
+                     + (" (the fp16 loss scale starts afresh)" if params.amp == "fp16" else ""))
+    for key in sorted(resume_policy(type(params), MAY_CHANGE) - _ADJUSTED_ABOVE):
+        if key in saved and saved[key] != to_plain(getattr(params, key)):
+            notes.append(f"{spec_of(params, key).names[-1]} {_shown(saved[key])} -> {_shown(getattr(params, key))}")
     return notes
+
+
+_ADJUSTED_ABOVE = frozenset({"epochs", "lr", "weight_decay", "batch_size", "amp"})  # with their own notes
 
 
 def set_cosine_position(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.CosineAnnealingLR,

@@ -13,7 +13,6 @@ What it trades: a fresh crop every epoch for K crops per image. Disk: items x K 
 """
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from datasets.sampler import item_seed
 from datasets.transforms import ReplayableView
-from engine.features import Part, PartExtractor
+from engine.features import Extraction, Part, PartExtractor
 from models.distill_model import WhitenedTeachers
-from utils.argtypes import int_at_least, output_dir
 from utils.distributed import DistContext
 from utils.feature_store import StoreEntry
+from utils.flags import role_values
 from utils.log import get_logger
 from utils.preemption import StopRequest
 from utils.runtime import seeded_host_rngs
@@ -38,20 +38,10 @@ VIEWS_PER_BATCH = 64  # views embedded per teacher batch
 OPEN_SHARDS = 64  # memory-mapped shards kept open per process and chain
 
 
-def add_cache_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--teacher_cache", default=None, metavar="DIR", type=output_dir,
-                       help="store the teachers' embeddings of --teacher_views views per image once, then train "
-                            "from them without running a teacher (built by the first run that names it; reused when "
-                            "the teachers' files, PCA files, -p, --embed_dim, the crop size, --amp, the image list, K "
-                            "and the seed match). Default: the teachers run on every crop, as the paper")
-    group.add_argument("--teacher_views", type=int_at_least(1), default=8, metavar="K",
-                       help="views stored per image (or frame, per view distribution): each epoch uses one")
-    group.add_argument("--teacher_cache_dtype", default="float16", choices=["float16", "float32"],
-                       help="storage of the cached embeddings (float16 halves the disk)")
-
-
 def view_seed(seed: int, chain: int, item: int, view: int) -> int:
-    return (((seed * 1_000_003 + chain) * 10_000_019 + item) * 1_009 + view) % (2**63)
+    """The seed of an item's ``view``-th stored view of a view distribution (``chain``): the sampler's item seed of
+    those four numbers, so both draw from one seeding rule."""
+    return item_seed(seed, chain, item, view)
 
 
 def drawn_view(view: ReplayableView, img: Any, seed: int) -> tuple[list[float], torch.Tensor]:
@@ -87,29 +77,30 @@ def views_collate(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
 class TeacherCache:
     """The stored views of a training list, one store entry per view distribution (``chains``)."""
 
-    def __init__(self, args: argparse.Namespace, n_items: int, items_key: str, load: Callable[[int], Any],
+    def __init__(self, params: Any, n_items: int, items_key: str, load: Callable[[int], Any],
                  chains: Sequence[ReplayableView]) -> None:
-        self.args, self.n_items, self.items_key, self.load, self.chains = args, n_items, items_key, load, list(chains)
-        self.views = args.teacher_views
-        self.store_args = argparse.Namespace(feature_cache=args.teacher_cache, cache_dtype=args.teacher_cache_dtype,
-                                             refresh_cache=False, num_workers=args.num_workers, amp=args.amp,
-                                             no_progress=args.no_progress)
-        # the teachers' and PCA files' bytes (hashed by the preflight), the flags that change an embedding
-        self.model = {"teachers": list(args.teachers), "weight_sha256": args.weight_sha256,
-                      "embed_dim": args.embed_dim, "p": args.p, "seed": args.seed, "amp": args.amp}
+        """``params``: the run's ``engine.params.TrainParams``; ``items_key``: the training list's fingerprint."""
+        self.n_items, self.items_key, self.load, self.chains = n_items, items_key, load, list(chains)
+        self.views, self.seed, self.n_teachers = params.teacher_views, params.seed, len(params.teachers)
+        self.how = Extraction(params.teacher_cache, params.teacher_cache_dtype, False, params.num_workers, params.amp,
+                              not params.no_progress)
+        # the flags declared to change a stored embedding, and the teachers' and PCA files' bytes (hashed by the
+        # preflight)
+        self.model = {**role_values(params, "teacher_cache"), "weight_sha256": params.weight_sha256}
 
     def part(self, chain: int) -> Part:
         view = self.chains[chain]
         protocol = {"teacher views": self.views, "view": type(view).__name__, "size": view.size, "chain": chain,
+                    "view seeds": "item_seed",  # the seeding rule of the views (caches of the older rule differ)
                     **{k: getattr(view, k) for k in ("blur_p", "solarize_p") if hasattr(view, k)}}
-        dataset = ViewsToEmbed(self.load, self.n_items, view, chain, self.views, self.args.seed)
+        dataset = ViewsToEmbed(self.load, self.n_items, view, chain, self.views, self.seed)
         return Part(f"teacher views {chain + 1}/{len(self.chains)}", dataset, range(self.n_items), protocol,
-                    videos=True, batch_size=max(1, VIEWS_PER_BATCH // self.views), collate_fn=views_collate,
+                    several_rows=True, batch_size=max(1, VIEWS_PER_BATCH // self.views), collate_fn=views_collate,
                     extras=("params",), shard_size=CACHE_SHARD, items_key=self.items_key, unit="views",
                     fix="delete {folder} (a part of the teacher cache); the next run builds it again")
 
     def entries(self) -> list[StoreEntry]:
-        extractor = PartExtractor(lambda x: x, DistContext(), self.store_args, self.model)
+        extractor = PartExtractor(lambda x: x, DistContext(), self.how, self.model)
         return [extractor.entry(self.part(chain)) for chain in range(len(self.chains))]
 
     @property
@@ -124,7 +115,7 @@ class TeacherCache:
             return torch.cat([F.normalize(t, dim=-1) for t in teachers(x)], dim=1)
 
         should_stop = (lambda: stop.received is not None) if stop is not None else None
-        extractor = PartExtractor(embed, ctx, self.store_args, self.model, should_stop)
+        extractor = PartExtractor(embed, ctx, self.how, self.model, should_stop)
         with torch.inference_mode():
             for chain in range(len(self.chains)):
                 if stop is not None and stop.agreed(ctx):  # a collective: every rank asks once per chain
@@ -168,7 +159,7 @@ class CachedItems(Dataset):
 
     def __init__(self, cache: TeacherCache) -> None:
         self.load, self.chains, self.views, self.n = cache.load, cache.chains, cache.views, cache.n_items
-        self.cached = [CachedViews(entry, cache.views, len(cache.args.teachers)) for entry in cache.entries()]
+        self.cached = [CachedViews(entry, cache.views, cache.n_teachers) for entry in cache.entries()]
 
     def __len__(self) -> int:
         return self.n

@@ -9,7 +9,6 @@ the unlabeled ones, only counted above each relevant video's score. No rank hold
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -26,38 +25,44 @@ from datasets.svd.eval import (
 )
 from datasets.svd.meta import SVDMeta, SVDMetaError
 from datasets.transforms import svd_test_transform
-from engine.features import Part, PartExtractor, Shard, model_components
-from models.embedder import build_embedder
+from engine.features import Extraction, Part, PartExtractor, Shard, evaluated_model, model_key
+from engine.params import VideoEvalParams
 from utils.distributed import DistContext, barrier
 from utils.files import fingerprint, write_json
+from utils.flags import protocol_values
 from utils.log import get_logger
 from utils.runtime import configure_backends
 
 
-def evaluation_videos(args: argparse.Namespace) -> tuple[SVDMeta, list[str], list[str], list[str]]:
+def evaluation_videos(params: VideoEvalParams) -> tuple[SVDMeta, list[str], list[str], list[str]]:
     """(metadata, queries, labeled candidates, unlabeled candidates) of the evaluation."""
-    meta = SVDMeta.from_yaml(args.dataset_meta)
+    meta = SVDMeta.from_yaml(params.dataset_meta)
     queries, labeled = meta.test_query_ids, meta.test_labeled_ids
     if not queries:
-        raise SVDMetaError(f"the test ground truth of {args.dataset_meta} lists no query")
-    return meta, queries, labeled, [] if args.subset_eval else meta.unlabeled_ids
+        raise SVDMetaError(f"the test ground truth of {params.dataset_meta} lists no query")
+    return meta, queries, labeled, [] if params.subset_eval else meta.unlabeled_ids
 
 
-def check_frames(args: argparse.Namespace) -> None:
+def check_frames(params: VideoEvalParams) -> None:
     """Every test video's frames are on disk, before the extraction."""
-    meta, queries, labeled, unlabeled = evaluation_videos(args)
+    meta, queries, labeled, unlabeled = evaluation_videos(params)
     for ids, role in ((queries, "test query"), (labeled + unlabeled, "test candidate")):
-        meta.check_frames_on_disk(ids, meta.check_videos(ids, role), role, max_frames=args.max_frames)
+        meta.check_frames_on_disk(ids, meta.check_videos(ids, role), role, max_frames=params.max_frames)
 
 
-def video_protocol(args: argparse.Namespace, frame_counts: list[int] | None = None,
-                   frame_root: str | None = None) -> dict:
-    """What of the protocol changes a video's frame features (the store key): the flags, and the frames read: the
-    folder of the frames and each video's frame count (frames extracted again at another rate change both)."""
-    return {"max_frames": args.max_frames, "stride": args.stride, "crop_size": args.crop_size,
-            "input_norm": args.input_norm, "amp": args.amp,
-            "frame_root": str(Path(frame_root).resolve()) if frame_root else None,
-            "frame_counts": fingerprint(frame_counts) if frame_counts is not None else None}
+def frames_key(frame_counts: list[int], frame_root: str) -> dict:
+    """What changes a video's frame features beyond the model's key (the flags are in it): the frames read, i.e.
+    their folder and each video's frame count (frames extracted again at another rate change both)."""
+    return {"frame_root": str(Path(frame_root).resolve()), "frame_counts": fingerprint(frame_counts)}
+
+
+def video_part(params: VideoEvalParams, meta: SVDMeta, name: str, ids: list[str], role: str) -> Part:
+    """Videos as the evaluation embeds them: the first ``--max_frames`` frames (every ``--stride``-th) of each."""
+    counts = meta.check_videos(ids, role)
+    videos = VideoFrames(meta.frame_root, ids, counts, svd_test_transform(params.input_norm, params.crop_size),
+                         params.max_frames, params.stride)
+    return Part(name, videos, ids, frames_key(counts, meta.frame_root), several_rows=True,
+                batch_size=params.batch_size, collate_fn=video_collate)
 
 
 def _reduce(ctx: DistContext):
@@ -65,43 +70,36 @@ def _reduce(ctx: DistContext):
 
 
 @torch.inference_mode()
-def evaluate_videos(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
-    """Evaluate every ``args.sim_fn``; prints the paper's line for each and writes JSON on rank 0; returns the
+def evaluate_videos(params: VideoEvalParams, ctx: DistContext) -> list[dict]:
+    """Evaluate every ``params.sim_fn``; prints the paper's line for each and writes JSON on rank 0; returns the
     records."""
     logger = get_logger()
-    configure_backends(ctx.device, args.amp)  # images of varying sizes: no cuDNN autotuning
-    meta, queries, labeled, unlabeled = evaluation_videos(args)
+    configure_backends(ctx.device, params.amp)  # images of varying sizes: no cuDNN autotuning
+    meta, queries, labeled, unlabeled = evaluation_videos(params)
     logger.info("SVD: %d queries, %d labeled candidates, %d distractors (%s evaluation)", len(queries), len(labeled),
-                len(unlabeled), "subset" if args.subset_eval else "full")
-    weights = args.path_to_pretrained_weights if args.teacher is not None else None
-    embedder = build_embedder(args.arch, args.resume, args.teacher, args.pca, weights, args.embed_dim, args.p,
-                              args.trust_checkpoint).to(ctx.device)
+                len(unlabeled), "subset" if params.subset_eval else "full")
+    embedder = evaluated_model(params).to(ctx.device)
     logger.info("model: %s", embedder.description)
-    extractor = PartExtractor(embedder.single, ctx, args,
-                              model_components(args) if args.feature_cache else {},
+    extractor = PartExtractor(embedder.single, ctx, Extraction.of(params),
+                              model_key(params) if params.feature_cache else {},
                               label=f"the model ({embedder.description})")
-    transform = svd_test_transform(args.input_norm, args.crop_size)
-    num_frames = frames_per_video(args.max_frames, args.stride)
+    num_frames = frames_per_video(params.max_frames, params.stride)
 
     def part(name: str, ids: list[str], role: str) -> Part:
-        counts = meta.check_videos(ids, role)
-        videos = VideoFrames(meta.frame_root, ids, counts, transform, args.max_frames, args.stride)
-        return Part(name, videos, ids, video_protocol(args, counts, meta.frame_root), videos=True,
-                    batch_size=args.batch_size,
-                    collate_fn=video_collate)
+        return video_part(params, meta, name, ids, role)
 
     def descriptors(feats: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         padded = pad_frames(feats, lengths, num_frames)
-        return {fn: video_descriptors(padded, lengths, fn) for fn in args.sim_fn}
+        return {fn: video_descriptors(padded, lengths, fn) for fn in params.sim_fn}
 
     def similarities(shard: Shard) -> dict[str, torch.Tensor]:
         cdesc = descriptors(shard.feats, shard.lengths)
-        return {fn: descriptor_similarity(qdesc[fn], qlens, cdesc[fn], shard.lengths, fn, args.max_elements)
-                for fn in args.sim_fn}
+        return {fn: descriptor_similarity(qdesc[fn], qlens, cdesc[fn], shard.lengths, fn, params.max_elements)
+                for fn in params.sim_fn}
 
     qfeats, qlens = extractor.gather(part("svd queries", queries, "test query"))
     qdesc = descriptors(qfeats, qlens)
-    rankings = {fn: VideoRanking(queries, meta.test_groundtruth, labeled, ctx.device) for fn in args.sim_fn}
+    rankings = {fn: VideoRanking(queries, meta.test_groundtruth, labeled, ctx.device) for fn in params.sim_fn}
     if labeled:
         for shard in extractor.shards(part("svd labeled candidates", labeled, "test candidate")):
             for fn, block in similarities(shard).items():
@@ -113,19 +111,21 @@ def evaluate_videos(args: argparse.Namespace, ctx: DistContext) -> list[dict]:
             for fn, block in similarities(shard).items():
                 rankings[fn].add_unlabeled(block)
     records = []
-    for fn in args.sim_fn:
+    protocol = {**protocol_values(params), "model": embedder.description, "embed_dim": embedder.embed_dim,
+                "world_size": ctx.world_size}
+    for fn in params.sim_fn:
         positions = rankings[fn].positions(_reduce(ctx))
         if not ctx.is_main:
             continue
-        result = mean_average_precision(positions, args.topk)
-        print((f"{fn}: " if len(args.sim_fn) > 1 else "") + format_map(result), flush=True)
+        result = mean_average_precision(positions, params.topk)
+        print((f"{fn}: " if len(params.sim_fn) > 1 else "") + format_map(result), flush=True)
         records.append({"sim_fn": fn, "map": result, "n_queries": len(queries),
                         "n_candidates": len(labeled) + len(unlabeled),
-                        "feature_store": {"dir": args.feature_cache, "dtype": args.cache_dtype,
-                                          "extracted": extractor.report.extracted, "read": extractor.report.read}})
-    if ctx.is_main and args.output_json:
-        write_json(args.output_json, records[0] if len(records) == 1 else records)
-        logger.info("wrote %s", args.output_json)
+                        "protocol": protocol,
+                        "feature_store": extractor.report.record(params.feature_cache, params.cache_dtype)})
+    if ctx.is_main and params.output_json:
+        write_json(params.output_json, records[0] if len(records) == 1 else records)
+        logger.info("wrote %s", params.output_json)
     barrier()
     return records
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.loss import MultiTeacherDistillLoss
-from models.pca_layer import PCAWhitening, load_pca_layer, pca_weight_path
+from models.pca_layer import PCAWhitening, load_teacher_pca
 from utils.runtime import channels_last
 
 
@@ -37,7 +37,7 @@ class WhitenedTeachers(nn.Module):
         for name in names:
             encoders.append(build_teacher(name, weights_dir, gem_p, trust))
             whitenings.append(pca_layers[name] if name in pca_layers else
-                              _load_teacher_pca(weights_dir, name, embed_dim, trust))
+                              load_teacher_pca(weights_dir, name, embed_dim, trust))
         self._setup(names, encoders, whitenings)
 
     @classmethod
@@ -77,15 +77,6 @@ class WhitenedTeachers(nn.Module):
         for encoder, pca in zip(self.encoders, self.whitenings):
             outs.append(pca(F.normalize(encoder(x).float(), p=2, dim=-1)))
         return outs
-
-
-def _load_teacher_pca(weights_dir: str | os.PathLike, name: str, embed_dim: int, trust: bool) -> PCAWhitening:
-    path = pca_weight_path(weights_dir, name, embed_dim)
-    if not path.is_file():
-        raise FileNotFoundError(f"PCA-whitening file for teacher {name} not found: {path}. Learn it with "
-                                "gld_pca_learn.py / svd_pca_learn.py (--dump_to), or check "
-                                "--path_to_pretrained_weights and --embed_dim.")
-    return load_pca_layer(path, trust=trust, out_dim=embed_dim)
 
 
 class DistillModel(nn.Module):

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import UsageError
 from utils.features import PAPER_SCALES, multiscale
 from utils.runtime import channels_last
 
 
-class EmbedderConfigError(ValueError):
+class EmbedderConfigError(UsageError, ValueError):
     """Inconsistent model flags (``-a``/``-r``/``-t``/``--pca``)."""
 
 
@@ -72,13 +73,10 @@ def check_model_flags(arch: str | None, resume: str | None, teacher: str | None,
     if pca and teacher is None:
         raise EmbedderConfigError("--pca applies to teachers only (-t NAME --pca); students are already "
                                   "distilled into the whitened space.")
-    if pca and embed_dim is not None:
-        from models.teachers import TEACHERS
+    if pca and embed_dim is not None and teacher is not None:
+        from models.teachers import check_embed_dim
 
-        dim = TEACHERS[teacher].descriptor_dim if teacher in TEACHERS else None
-        if dim is not None and embed_dim > dim:
-            raise EmbedderConfigError(f"--embed_dim {embed_dim} is larger than the {dim}-d descriptor of teacher "
-                                      f"{teacher}: its PCA-whitening can only reduce it.")
+        check_embed_dim(teacher, embed_dim)
 
 
 def build_embedder(arch: str | None = None, resume: str | None = None, teacher: str | None = None,
@@ -101,13 +99,9 @@ def build_embedder(arch: str | None = None, resume: str | None = None, teacher: 
     if pca:
         if weights_dir is None:
             raise EmbedderConfigError("--pca needs --path_to_pretrained_weights (the folder holding pca_weights/).")
-        from models.pca_layer import load_pca_layer, pca_weight_path
+        from models.pca_layer import load_teacher_pca, pca_weight_path
 
+        post = load_teacher_pca(weights_dir, teacher, embed_dim, trust, in_dim=int(model.embed_dim)).eval()
         path = pca_weight_path(weights_dir, teacher, embed_dim)
-        if not path.is_file():
-            raise EmbedderConfigError(f"--pca: PCA-whitening file of teacher {teacher} for --embed_dim {embed_dim} "
-                                      f"not found: {path}. Learn it with gld_pca_learn.py / svd_pca_learn.py -t "
-                                      f"{teacher} --embed_dim {embed_dim}, or download the published pca_weights/.")
-        post = load_pca_layer(path, trust=trust, in_dim=int(model.embed_dim), out_dim=embed_dim).eval()
         description += f" + PCA-whitening {int(post.dim1)}->{int(post.dim2)} ({Path(path).name})"
     return Embedder(model, post, description)

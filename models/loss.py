@@ -8,6 +8,9 @@ to trust: positives (the diagonal) and negatives (off-diagonal) are fused separa
 Random strategies draw with the global torch RNG on the similarities' device, one
 ``torch.randint(0, n_teachers, (N, N))`` per KL term, the row term first and then the transposed term
 (as the paper); seeding torch reproduces them.
+
+The global batch and the world-size factor come from the ``DistContext`` the builder passes (``ctx``); without one,
+from the context the launcher made for this process (``DistContext.current()``), never from torch's globals.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.distributed import all_gather_with_grad, get_world_size
+from utils.distributed import DistContext, all_gather_with_grad
 
 STRATEGIES = ("mean", "maxmin", "maxmean", "maxrand", "rand")
 
@@ -24,7 +27,7 @@ class MultiTeacherDistillLoss(nn.Module):
     """``KL(S, fuse(T)) + KL(S^T, fuse(T^T))`` over the global batch, times the world size (DDP averages grads)."""
 
     def __init__(self, st: float = 0.05, tt: float = 0.05, strategy: str = "maxmin",
-                 teachers: list[str] | tuple[str, ...] = ()) -> None:
+                 teachers: list[str] | tuple[str, ...] = (), ctx: DistContext | None = None) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown --strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
@@ -34,6 +37,7 @@ class MultiTeacherDistillLoss(nn.Module):
         self.tt = tt
         self.strategy = strategy
         self.teachers = list(teachers)
+        self.ctx = ctx  # None: the process's current context, looked up at each call
         self.kl = nn.KLDivLoss(reduction="batchmean")
         # how often each teacher gave the largest positive similarity (max-based strategies only)
         self.register_buffer("pos_win_count", torch.zeros(len(self.teachers), dtype=torch.long))
@@ -43,17 +47,18 @@ class MultiTeacherDistillLoss(nn.Module):
         if len(tch1) != len(self.teachers) or len(tch2) != len(self.teachers):
             raise ValueError(f"the loss was built for {len(self.teachers)} teacher(s) {self.teachers} but got "
                              f"{len(tch1)} and {len(tch2)} teacher outputs")
+        ctx = DistContext.current() if self.ctx is None else self.ctx
         # float32 even under autocast: similarities divided by a 0.05 temperature need the precision
         with torch.autocast(device_type=stu1.device.type, enabled=False):
-            s1 = all_gather_with_grad(F.normalize(stu1.float(), p=2, dim=-1))
-            s2 = all_gather_with_grad(F.normalize(stu2.float(), p=2, dim=-1))
-            t1 = [all_gather_with_grad(F.normalize(t.float(), p=2, dim=-1).contiguous()) for t in tch1]
-            t2 = [all_gather_with_grad(F.normalize(t.float(), p=2, dim=-1).contiguous()) for t in tch2]
+            s1 = all_gather_with_grad(F.normalize(stu1.float(), p=2, dim=-1), ctx)
+            s2 = all_gather_with_grad(F.normalize(stu2.float(), p=2, dim=-1), ctx)
+            t1 = [all_gather_with_grad(F.normalize(t.float(), p=2, dim=-1).contiguous(), ctx) for t in tch1]
+            t2 = [all_gather_with_grad(F.normalize(t.float(), p=2, dim=-1).contiguous(), ctx) for t in tch2]
             stu_sim = s1.mm(s2.t())
             tch_sims = torch.stack([a.mm(b.t()) for a, b in zip(t1, t2)], dim=0)  # (n_teachers, N, N)
             loss = self._kl_term(stu_sim, tch_sims) + self._kl_term(stu_sim.t(), tch_sims.transpose(1, 2))
         # each rank back-propagates through its own shard only; DDP's averaging then yields the global gradient
-        return {"distill loss": loss * get_world_size()}
+        return {"distill loss": loss * ctx.world_size}
 
     def _kl_term(self, stu_sim: torch.Tensor, tch_sims: torch.Tensor) -> torch.Tensor:
         target = F.softmax(self.fuse(tch_sims) / self.tt, dim=-1)

@@ -124,6 +124,18 @@ def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int
     return Path(weights_dir) / PCA_FILES[teacher].format(embed_dim=embed_dim)
 
 
+def load_teacher_pca(weights_dir: str | os.PathLike, teacher: str, embed_dim: int, trust: bool = False,
+                     in_dim: int | None = None) -> PCAWhitening:
+    """The PCA file of ``teacher`` for ``embed_dim`` under ``weights_dir``; a missing file says how to make it."""
+    path = pca_weight_path(weights_dir, teacher, embed_dim)
+    if not path.is_file():
+        raise CheckpointError(f"teacher {teacher}: PCA-whitening file for --embed_dim {embed_dim} not found: {path}. "
+                              f"Learn it with: python gld_pca_learn.py (or svd_pca_learn.py) -t {teacher} --embed_dim "
+                              f"{embed_dim} --path_to_pretrained_weights {weights_dir}, or download the published "
+                              "pca_weights/.")
+    return load_pca_layer(path, trust=trust, in_dim=in_dim, out_dim=embed_dim)
+
+
 def load_pca_layer(path: str | os.PathLike, trust: bool = False, in_dim: int | None = None,
                    out_dim: int | None = None) -> PCAWhitening:
     """Read a PCA file (plain state_dict of the 8 buffers) strictly; the layer is built from its dim1/dim2.

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import CHEAP_TEACHERS, ROOT, run_script, torchrun, toy_gld, weights_dir
+from helpers import CHEAP_TEACHERS, ROOT, assert_exit, run_main, run_script, torchrun, toy_gld, weights_dir
 
 from utils.checkpoint import load_file
-from utils.distributed import first_host, free_port, init_distributed, plan_launch
+from utils.errors import UsageError
+from utils.launch import first_host, free_port, init_distributed, plan_launch
 from utils.preemption import EXIT_PREEMPTED
 
 
@@ -47,8 +48,9 @@ def test_launch_plans():
     assert (plan.mode, plan.n_local, plan.first_rank, plan.world_size) == ("slurm, one task per node", 4, 4, 8)
     batch_script = {k: v for k, v in slurm.items() if not k.startswith("SLURM_STEP")}  # python in sbatch, no srun
     assert plan_launch(launch_args(), False, batch_script).mode == "one process"
-    with pytest.raises(SystemExit, match="--world_size 4 does not match the 16 srun tasks"):
+    with pytest.raises(UsageError) as exc:
         plan_launch(launch_args(world_size=4), False, slurm)
+    assert_exit(exc, 2, "--world_size 4", "16")  # the flag's value and the task count it contradicts
     assert "slurm, one task per rank, rank 3 of 16, master tcp://gpu07" in plan_launch(launch_args(), False,
                                                                                         slurm).describe()
 
@@ -155,7 +157,7 @@ def test_a_stop_signal_mid_run_resumes_to_the_uninterrupted_weights(reference, t
     assert "Traceback" not in err, err[-3000:]
     stopped = load_file(ckpt / "checkpoint_last.pt")
     assert stopped["epoch"] < 2
-    res = run_script(*distill(ckpt, "--nproc_per_node", 2, "-r", "auto"))
+    res = run_main(*distill(ckpt, "--nproc_per_node", 2, "-r", "auto"))
     assert res.returncode == 0, res.stderr[-3000:]
     if stopped["epoch_iteration"]:
         assert f"iteration {stopped['epoch_iteration']} of epoch {stopped['epoch'] + 1}" in res.stdout

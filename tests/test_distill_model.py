@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import assert_names
 from torch import nn
 
 import models.teachers
@@ -11,6 +12,7 @@ from models.distill_model import DistillationLoss, DistillModel, WhitenedTeacher
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import PCAWhitening, pca_weight_path, save_pca_layer
 from models.students import build_student, student_checkpoint_state
+from utils.checkpoint import CheckpointError
 
 
 class TinyTeacher(nn.Module):
@@ -50,9 +52,9 @@ def _criterion(seed: int = 0) -> DistillationLoss:
 def test_student_and_whitened_teachers_must_share_the_dimension():
     """Similarity matrices are N x N for any dimension, so only this check stops a 16-d PCA training a 64-d
     student."""
-    with pytest.raises(ValueError, match="student embeds into 16 dimensions but the whitened teachers into "
-                                         "t_a: 6-d, t_b: 6-d; --embed_dim"):
+    with pytest.raises(ValueError) as exc:
         DistillationLoss(_tiny_teachers(), MultiTeacherDistillLoss(teachers=["t_a", "t_b"]), student_dim=16)
+    assert_names(exc.value, "16", "t_a", "t_b", "6-d", "--embed_dim")  # both sizes, each teacher, the flag
 
 
 def test_state_dict_holds_the_student_only():
@@ -127,8 +129,9 @@ def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, m
         return TinyTeacher(12).eval()
 
     monkeypatch.setattr(models.teachers, "build_teacher", fake_build_teacher)
-    with pytest.raises(FileNotFoundError, match="gld_pca_learn.py"):
+    with pytest.raises(CheckpointError) as exc:  # a user error naming the missing file and how to make it
         WhitenedTeachers(["resnet101_gem"], tmp_path, gem_p=3.0, embed_dim=6)
+    assert_names(exc.value, pca_weight_path(tmp_path, "resnet101_gem", 6), "gld_pca_learn.py")
     pcas = {}
     for name in ("resnet101_gem", "mocov3"):
         pcas[name] = PCAWhitening(12, 6).fit(torch.randn(30, 12))
@@ -141,10 +144,12 @@ def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, m
 
 
 def test_pca_teacher_mismatch_and_missing_pca_layers():
-    with pytest.raises(ValueError, match="expects 8-d"):
+    with pytest.raises(ValueError) as exc:
         WhitenedTeachers.from_modules({"t": TinyTeacher(12)}, {"t": PCAWhitening(8, 4)})
-    with pytest.raises(ValueError, match="PCA layers must be given"):
+    assert_names(exc.value, "12-d", "8-d")  # the teacher's output and the PCA's input
+    with pytest.raises(ValueError) as exc:
         WhitenedTeachers(["mocov3"], None)
+    assert_names(exc.value, "--path_to_pretrained_weights", "mocov3")  # the missing flag, the teacher left without PCA
 
 
 def test_real_teacher_random_init():

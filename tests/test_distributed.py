@@ -9,16 +9,29 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import CHEAP_TEACHERS, pca_from_features, torch_threads, toy_gld, weights_dir
-from test_gld_pca_learn import HEAVY, fixed_transform, pca_args
+from helpers import (
+    CHEAP_TEACHERS,
+    HEAVY,
+    assert_exit,
+    error_line,
+    fixed_transform,
+    pca_args,
+    pca_from_features,
+    torch_threads,
+    toy_gld,
+    weights_dir,
+)
 
 from datasets.gld import GLDImageDataset, image_path, read_groups, read_image, read_image_ids
 from engine.distill import Trainer, build_model
+from engine.params import GLDTrainParams
 from engine.pca import learn_pca
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import load_pca_layer, pca_weight_path, save_pca_layer
 from models.teachers import TEACHER_FILES, build_teacher
-from utils.distributed import DistContext, init_distributed
+from utils.distributed import DistContext
+from utils.errors import UserError
+from utils.launch import init_distributed
 from utils.log import MetricsWriter
 from utils.runtime import seed_everything
 
@@ -37,10 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_args() -> argparse.Namespace:
-    return argparse.Namespace(arch="resnet18", teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(
-        weights_dir()), embed_dim=512, p=3.0, student_init="random", trust_checkpoint=False, amp="none", lr=1e-3,
-        weight_decay=1e-6, st=0.05, tt=0.05, strategy="maxmin")
+def train_args() -> GLDTrainParams:
+    return GLDTrainParams(arch="resnet18", teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(weights_dir()),
+                          embed_dim=512, student_init="random", ckpt_dir="unused", gld_root_path=str(toy_gld()))
 
 
 def inputs():
@@ -75,8 +87,8 @@ def gloo_worker(rank, port, out_dir, pca_ids):
         loss = trainer.step(x1[rows], x2[rows])
         torch.save({"loss": loss, "grads": {n: p.grad for n, p in student.named_parameters()},
                     "params": dict(student.named_parameters()), "embeddings": embeddings}, out_dir / f"rank{rank}.pt")
-        learn_pca("resnet101_delg", GLDImageDataset(toy_gld(), pca_ids, fixed_transform()),
-                  pca_args(dump_to=str(out_dir / "pca_two.pt"), embed_dim=4, batch_size=2), ctx)
+        learn_pca(pca_args(dump_to=str(out_dir / "pca_two.pt"), embed_dim=4, batch_size=2),
+                  GLDImageDataset(toy_gld(), pca_ids, fixed_transform()), ctx)
     finally:
         dist.destroy_process_group()
 
@@ -140,8 +152,8 @@ def test_ddp_step_gives_the_gradient_of_the_global_loss(two_ranks):
 @pytest.mark.slow
 def test_pca_two_ranks_equals_one_with_odd_count(two_ranks, tmp_path):
     out, ids = two_ranks
-    learn_pca("resnet101_delg", GLDImageDataset(toy_gld(), ids, fixed_transform()),
-              pca_args(dump_to=str(tmp_path / "one.pt"), embed_dim=4), DistContext())
+    learn_pca(pca_args(dump_to=str(tmp_path / "one.pt"), embed_dim=4),
+              GLDImageDataset(toy_gld(), ids, fixed_transform()), DistContext())
     two, one = load_pca_layer(out / "pca_two.pt"), load_pca_layer(tmp_path / "one.pt")
     torch.testing.assert_close(two.mean, one.mean, rtol=0, atol=1e-6)
     # the whitening up to the eigenvectors' signs
@@ -149,23 +161,25 @@ def test_pca_two_ranks_equals_one_with_odd_count(two_ranks, tmp_path):
     assert int(two.n_0) == int(one.n_0)
 
 
-def test_world_size_larger_than_the_launch_is_an_error(tmp_path):
+def test_world_size_larger_than_the_launch_is_an_error(tmp_path, capsys):
     from gld_distill import main
 
-    with pytest.raises(SystemExit, match="--world_size 3"):
+    with pytest.raises(SystemExit) as exc:
         main(["-ts", *CHEAP_TEACHERS, "-c", str(tmp_path / "c"), "--gld_root_path", str(toy_gld()),
               "--path_to_pretrained_weights", str(weights_dir()), "--world_size", "3", "--device", "cpu"])
+    assert_exit(exc, 2, "--world_size 3", err=capsys.readouterr().err)
 
 
-def test_world_size_disagreeing_with_torchrun_is_an_error(tmp_path, monkeypatch):
+def test_world_size_disagreeing_with_torchrun_is_an_error(tmp_path, monkeypatch, capsys):
     from gld_distill import main
 
     monkeypatch.setenv("RANK", "0")  # what torchrun --nproc_per_node=1 sets
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit, match="--world_size 3 does not match the 1 processes"):
+    with pytest.raises(SystemExit) as exc:
         main(["-ts", *CHEAP_TEACHERS, "-c", str(tmp_path / "c"), "--gld_root_path", str(toy_gld()),
               "--path_to_pretrained_weights", str(weights_dir()), "--world_size", "3", "--device", "cpu"])
+    assert_exit(exc, 2, "--world_size 3", "1 process", err=capsys.readouterr().err)  # the flag, the launch's count
 
 
 def toy_pairs(size: int = 32):
@@ -224,27 +238,28 @@ def test_bf16_epoch_and_nan_stop(fitted_weights):
     assert record["epoch"] == 1 and 0 < record["loss"] < float("inf")
     bad = x1[:4].clone()
     bad[0] = float("nan")
-    with pytest.raises(SystemExit, match="loss became nan at epoch 1, iteration 1.*--lr"):
+    with pytest.raises(UserError) as exc:
         make_trainer(fitted_weights, [(bad, x2[:4])]).train_epoch(0)
+    assert_exit(exc, 1, "nan", "epoch 1", "iteration 1", "--lr")  # the value, where, and the flag to lower
 
 
 def _fails_on_rank_one(args, ctx):
     if ctx.rank == 1:
-        raise ValueError(f"bad file {args.path} (rank {ctx.rank})")
+        raise UserError(f"bad file {args.path} (rank {ctx.rank})")
 
 
 @pytest.mark.slow
 def test_spawned_workers_user_error_ends_with_its_line_and_code(capfd):
     """The one-process-per-GPU path (here with CPU processes): a worker's user error is one line and the exit
     code of the launch, without the traceback torch.multiprocessing would add."""
-    from utils.distributed import _spawn
+    from utils.launch import _spawn
 
     args = argparse.Namespace(path="/data/x.jpg")
     with pytest.raises(SystemExit) as exc:
-        _spawn(WORLD, (_fails_on_rank_one, args, False, f"tcp://127.0.0.1:{free_port()}", 0, WORLD, (ValueError,)))
+        _spawn(WORLD, (_fails_on_rank_one, args, False, f"tcp://127.0.0.1:{free_port()}", 0, WORLD))
     err = capfd.readouterr().err
     assert exc.value.code == 1
-    assert "error: bad file /data/x.jpg (rank 1)" in err and "Traceback" not in err, err
+    assert error_line(err).endswith("error: bad file /data/x.jpg (rank 1)"), err  # the worker's own message, intact
 
 
 def test_a_one_pixel_image_survives_the_multiscale_descriptor():
@@ -293,7 +308,8 @@ def _ctrl_c_swallowed_by_a_finaliser(args, ctx):
 
 
 def test_a_ctrl_c_swallowed_by_a_finaliser_still_ends_with_130(capsys):
-    from utils.distributed import EXIT_INTERRUPTED, _worker
+    from utils.launch import _worker
+    from utils.preemption import EXIT_INTERRUPTED
 
     args = argparse.Namespace(went_on=False)
     with pytest.raises(SystemExit) as stop:
@@ -314,7 +330,7 @@ def _sigterm_mid_work(args, ctx):
 
 def test_a_stop_signal_outside_training_exits_75_for_a_requeue(capsys):
     """Evaluation, PCA learning: before, SIGTERM killed the process (143) and the sbatch examples requeue on 75."""
-    from utils.distributed import _worker
+    from utils.launch import _worker
     from utils.preemption import EXIT_PREEMPTED
 
     args = argparse.Namespace(went_on=False)

@@ -10,15 +10,32 @@ import time
 
 import pytest
 import torch
-from helpers import CHEAP_TEACHERS, ROOT, run_script, torch_threads, torchrun, toy_gld, weights_dir
+from helpers import (
+    CHEAP_TEACHERS,
+    DISTILL_BATCH,
+    DISTILL_EPOCHS,
+    ROOT,
+    assert_exit,
+    assert_user_error,
+    distill_cmd,
+    gld_root,
+    read_metrics,
+    run_main,
+    run_script,
+    torch_threads,
+    torchrun,
+    weights_dir,
+)
 
 from datasets.gld import image_path, read_groups
+from models.pca_layer import pca_weight_path
 from models.students import build_student, load_student
+from models.teachers import TEACHER_FILES
 from utils.checkpoint import load_file
 from utils.config import load_yaml
 from utils.runtime import seed_everything
 
-EPOCHS, BATCH = 2, 4
+EPOCHS, BATCH = DISTILL_EPOCHS, DISTILL_BATCH  # what distill_cmd runs
 
 
 @pytest.fixture(autouse=True)
@@ -27,29 +44,11 @@ def one_thread():
         yield
 
 
-def gld_root():
-    return toy_gld(n_landmarks=8, imgs_per_landmark=3, size=48, seed=1, n_singletons=1)
-
-
-def distill_cmd(ckpt_dir, *extra, teachers=CHEAP_TEACHERS, weights=None):
-    return ["gld_distill.py", "-a", "resnet18", "-ts", *teachers, "-c", ckpt_dir, "--gld_root_path", gld_root(),
-            "--path_to_pretrained_weights", weights or weights_dir(), "--student_init", "random",
-            "--imsize", 32, "-b", BATCH, "--epochs", EPOCHS, "--num_workers", 1, "--no_progress",
-            "--log_every", 1, "--snapshot_step", 2, *extra]
-
-
-def read_metrics(ckpt_dir):
-    import json
-
-    path = ckpt_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted 2-epoch run (started with -r auto on an empty folder)."""
     ckpt_dir = tmp_path_factory.mktemp("reference")
-    res = run_script(*distill_cmd(ckpt_dir, "-r", "auto"))
+    res = run_main(*distill_cmd(ckpt_dir, "-r", "auto"))
     assert res.returncode == 0, res.stdout + res.stderr
     return ckpt_dir, res
 
@@ -132,7 +131,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
     for path in ckpt_dir.glob("*.pt"):  # nothing truncated: every checkpoint loads
         load_file(path)
     assert load_file(ckpt_dir / "checkpoint_last.pt")["epoch"] == 1
-    res = run_script(*distill_cmd(ckpt_dir, "-r", "auto"))
+    res = run_main(*distill_cmd(ckpt_dir, "-r", "auto"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resumed from" in res.stdout
     assert not list(ckpt_dir.glob(".checkpoint_*.tmp"))
@@ -178,7 +177,7 @@ def test_readme_command_with_delg_and_dolg(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
-def run_main(argv):
+def run_gld_distill(argv):
     from gld_distill import main
 
     main([str(a) for a in argv] + ["--device", "cpu"])
@@ -187,30 +186,34 @@ def run_main(argv):
 def test_bad_inputs_stop_with_clear_messages(tmp_path, capsys):
     weights = weights_dir()
     with pytest.raises(SystemExit) as exc:
-        run_main(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path / "nothing")[1:])
-    assert exc.value.code == 2 and "argument --gld_root_path: folder not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="train_clean.csv"):
-        run_main(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path)[1:])
+        run_gld_distill(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path / "nothing")[1:])
+    assert_exit(exc, 2, "--gld_root_path", tmp_path / "nothing", err=capsys.readouterr().err)
     with pytest.raises(SystemExit) as exc:
-        run_main(distill_cmd(tmp_path / "c", teachers=("mocov3", "resnet999"))[1:])
-    assert exc.value.code == 2 and "invalid choice: 'resnet999'" in capsys.readouterr().err
+        run_gld_distill(distill_cmd(tmp_path / "c", "--gld_root_path", tmp_path)[1:])
+    assert_exit(exc, 1, tmp_path / "meta" / "train_clean.csv")
+    with pytest.raises(SystemExit) as exc:
+        run_gld_distill(distill_cmd(tmp_path / "c", teachers=("mocov3", "resnet999"))[1:])
+    assert_exit(exc, 2, "--teachers", "resnet999", err=capsys.readouterr().err)
     no_pca = tmp_path / "no_pca"
     no_pca.mkdir()
     for name in os.listdir(weights):
         if name.endswith(".tar"):
             os.symlink(weights / name, no_pca / name)
-    with pytest.raises(SystemExit, match=r"PCA-whitening file not found: .*mocov3_pca_512d.*gld_pca_learn\.py"):
-        run_main(distill_cmd(tmp_path / "c", weights=no_pca)[1:])
-    with pytest.raises(SystemExit, match="weight file not found"):
-        run_main(distill_cmd(tmp_path / "c", weights=tmp_path)[1:])
+    with pytest.raises(SystemExit) as exc:
+        run_gld_distill(distill_cmd(tmp_path / "c", weights=no_pca)[1:])
+    assert_exit(exc, 1, pca_weight_path(no_pca, "mocov3", 512), "gld_pca_learn.py")  # the file, the script making it
+    with pytest.raises(SystemExit) as exc:
+        run_gld_distill(distill_cmd(tmp_path / "c", weights=tmp_path)[1:])
+    assert_exit(exc, 1, tmp_path / TEACHER_FILES["mocov3"])
     singles = tmp_path / "singles"
     (singles / "meta").mkdir(parents=True)
     (singles / "meta/train_clean.csv").write_text("landmark_id,images\n1,abcd\n2,abce\n")
-    with pytest.raises(SystemExit, match="no landmark with at least 2 images"):
-        run_main(distill_cmd(tmp_path / "c", "--gld_root_path", singles)[1:])
     with pytest.raises(SystemExit) as exc:
-        run_main(distill_cmd(tmp_path / "c", "-r", tmp_path / "none.pt")[1:])
-    assert exc.value.code == 2 and "argument -r/--resume: file not found" in capsys.readouterr().err
+        run_gld_distill(distill_cmd(tmp_path / "c", "--gld_root_path", singles)[1:])
+    assert_exit(exc, 1, singles / "meta/train_clean.csv", "2 images")  # the file, and the minimum per landmark
+    with pytest.raises(SystemExit) as exc:
+        run_gld_distill(distill_cmd(tmp_path / "c", "-r", tmp_path / "none.pt")[1:])
+    assert_exit(exc, 2, "--resume", tmp_path / "none.pt", err=capsys.readouterr().err)
 
 
 def test_missing_image_names_the_file(tmp_path):
@@ -219,8 +222,10 @@ def test_missing_image_names_the_file(tmp_path):
     victims = read_groups(root)[0]  # a whole landmark
     for image_id in victims:
         image_path(root, image_id).unlink()
-    with pytest.raises(SystemExit, match=rf"3 of 24 training image\(s\) not found .*({'|'.join(victims)})\.jpg"):
-        run_main(distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1)[1:])
+    with pytest.raises(SystemExit) as exc:
+        run_gld_distill(distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1)[1:])
+    message = assert_exit(exc, 1, "3 of 24")  # a data error: how many of the images are missing, and one of them
+    assert any(str(image_path(root, image_id)) in message for image_id in victims), message
     assert not (tmp_path / "c").exists()  # found before anything was written
 
 
@@ -229,6 +234,7 @@ def test_corrupt_image_found_by_a_loader_worker_is_one_line(tmp_path):
     shutil.copytree(gld_root(), root)
     for image_id in read_groups(root)[0] + read_groups(root)[1]:  # two landmarks: the first batch reads one
         image_path(root, image_id).write_bytes(b"\xff\xd8 not a jpeg")
-    res = run_script(*distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1, "--num_workers", 1))
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("gld_distill.py: error: cannot read image file")
+    res = run_main(*distill_cmd(tmp_path / "c", "--gld_root_path", root, "--epochs", 1, "--num_workers", 1))
+    line = assert_user_error(res, 1, "gld_distill.py: error: ")
+    assert res.stderr.strip().splitlines()[-1] == line  # the last word
+    assert any(str(image_path(root, image_id)) in line for image_id in read_groups(root)[0] + read_groups(root)[1])

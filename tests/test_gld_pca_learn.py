@@ -1,5 +1,4 @@
 """PCA learning: reproducible sampling, the fitted layer whitens the teacher's features, the script end to end."""
-import argparse
 import os
 import random
 
@@ -7,36 +6,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-from helpers import run_script, torch_threads, toy_gld, weights_dir
+from helpers import (
+    HEAVY,
+    assert_exit,
+    fixed_transform,
+    pca_args,
+    run_main,
+    torch_threads,
+    toy_gld,
+    weights_dir,
+)
 
 from datasets.gld import GLDImageDataset, image_path, read_image, read_image_ids
-from datasets.transforms import imagenet_normalize
-from engine.pca import learn_pca, output_path, sample_items
+from engine.pca import learn_pca, sample_items
 from models.pca_layer import load_pca_layer, pca_weight_path
 from models.teachers import TEACHER_FILES, build_teacher
 from utils.distributed import DistContext
-
-
-def fixed_transform(size: int = 32) -> T.Compose:
-    """No randomness, so the features can be recomputed independently."""
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), imagenet_normalize()])
-
-
-HEAVY = ("resnet101_delg", "resnet101_dolg")  # dim1 512 / 1024: a quick eigh (2048-d takes ~30 s here)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     with torch_threads(1):
         yield
-
-
-def pca_args(**overrides) -> argparse.Namespace:
-    args = dict(path_to_pretrained_weights=str(weights_dir(HEAVY)), p=3.0, trust_checkpoint=False, embed_dim=8,
-                batch_size=5, num_workers=0, amp="none", deterministic=False, no_progress=True, dump_to=None)
-    args.update(overrides)
-    return argparse.Namespace(**args)
 
 
 def test_sample_items_is_the_seeded_shuffle():
@@ -51,17 +42,17 @@ def test_sample_items_is_the_seeded_shuffle():
 
 
 def test_output_path_default_is_the_published_name(tmp_path):
-    args = pca_args(path_to_pretrained_weights=str(tmp_path), embed_dim=256)
-    assert output_path(args, "resnet101_delg") == pca_weight_path(tmp_path, "resnet101_delg", 256)
-    assert output_path(args, "resnet101_delg").name == "resnet101_delg_pca_256d_gldv2_512x512_p3_randcrop.pt"
-    assert output_path(pca_args(dump_to=str(tmp_path / "x.pt")), "mocov3") == tmp_path / "x.pt"
+    params = pca_args(path_to_pretrained_weights=str(tmp_path), embed_dim=256)
+    assert params.output == pca_weight_path(tmp_path, "resnet101_delg", 256)
+    assert params.output.name == "resnet101_delg_pca_256d_gldv2_512x512_p3_randcrop.pt"
+    assert pca_args(dump_to=str(tmp_path / "x.pt"), teacher="mocov3").output == tmp_path / "x.pt"
 
 
 def test_learned_layer_whitens_the_teacher_features(tmp_path):
     root = toy_gld()
     ids = sample_items(read_image_ids(root), 13, seed=0)
-    path = learn_pca("resnet101_delg", GLDImageDataset(root, ids, fixed_transform()),
-                     pca_args(dump_to=str(tmp_path / "p.pt")), DistContext())
+    path = learn_pca(pca_args(dump_to=str(tmp_path / "p.pt")), GLDImageDataset(root, ids, fixed_transform()),
+                     DistContext())
     layer = load_pca_layer(path)
     assert (int(layer.dim1), int(layer.dim2)) == (512, 8)
     # independent features: the teacher on the images in sample order, without loader or gathering
@@ -87,7 +78,7 @@ def test_script_writes_the_published_file(tmp_path):
     weights = tmp_path / "w"
     weights.mkdir()
     os.symlink(weights_dir(HEAVY) / TEACHER_FILES["resnet101_dolg"], weights / TEACHER_FILES["resnet101_dolg"])
-    res = run_script("gld_pca_learn.py", "-t", "resnet101_dolg", "--gld_root_path", toy_gld(),
+    res = run_main("gld_pca_learn.py", "-t", "resnet101_dolg", "--gld_root_path", toy_gld(),
                      "--path_to_pretrained_weights", weights, "--embed_dim", 8, "--imsize", 32, "-b", 8,
                      "--num_workers", 1, "--num_samples", 12, "--no_progress")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -101,9 +92,11 @@ def test_script_writes_the_published_file(tmp_path):
 def test_script_bad_inputs(tmp_path):
     from gld_pca_learn import main
 
-    with pytest.raises(SystemExit, match="train_clean_ids.txt"):
+    with pytest.raises(SystemExit) as exc:
         main(["-t", "mocov3", "--gld_root_path", str(tmp_path), "--path_to_pretrained_weights", str(tmp_path),
               "--dump_to", str(tmp_path / "x.pt"), "--no_progress", "--num_workers", "0"])
-    with pytest.raises(SystemExit, match="teacher mocov3 file not found"):
+    assert_exit(exc, 1, tmp_path / "meta" / "train_clean_ids.txt")
+    with pytest.raises(SystemExit) as exc:
         main(["-t", "mocov3", "--gld_root_path", str(toy_gld()), "--path_to_pretrained_weights", str(tmp_path),
               "--dump_to", str(tmp_path / "x.pt"), "--no_progress", "--num_workers", "0"])
+    assert_exit(exc, 1, "mocov3", tmp_path / TEACHER_FILES["mocov3"])  # the teacher, and where its file should be

@@ -11,7 +11,9 @@ import torch.distributed as dist
 from device_harness import EXIT_FINDINGS, DeviceProvenance, run_in_process
 from helpers import CHEAP_TEACHERS, ROOT, run_script, torch_threads, toy_gld, weights_dir
 
-from utils.distributed import DistContext, free_port
+from utils.distributed import DistContext
+from utils.errors import UsageError, UserError
+from utils.launch import free_port
 
 DEVICE = torch.device("cpu")  # what a CPU run's context calls its device; the harness tracks what it would be
 
@@ -151,29 +153,30 @@ def test_items_are_seeded_without_touching_the_gpu_generators(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- launching
 def test_each_process_gets_a_gpu_it_can_see():
-    from utils.distributed import gpu_index
+    from utils.launch import gpu_index
 
     assert gpu_index(0, 8) == 0 and gpu_index(7, 8) == 7
     assert gpu_index(5, 1) == 0  # one GPU bound per task: every task sees it as GPU 0
-    with pytest.raises(SystemExit, match="local rank 3"):
+    with pytest.raises(UserError, match="local rank 3"):
         gpu_index(3, 2)
 
 
 def test_the_process_group_gets_no_device_id_and_barrier_names_the_gpu(monkeypatch):
-    from utils import distributed
+    from utils import distributed, launch
 
     calls = {}
+    monkeypatch.setattr(DistContext, "_current", None)  # the context init_distributed makes current goes at the end
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ctx = distributed.init_distributed(1, True)  # torchrun's LOCAL_RANK 1 on a task bound to one GPU
+    ctx = launch.init_distributed(1, True)  # torchrun's LOCAL_RANK 1 on a task bound to one GPU
     assert ctx.device == torch.device("cuda", 0) and calls["set_device"] == torch.device("cuda", 0)
     assert calls["init"]["backend"] == "nccl" and "device_id" not in calls["init"]
 
-    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    assert DistContext.current() is ctx and ctx.world_size == 2  # the barrier below learns the world size here
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.setdefault("barrier", kw))
@@ -223,16 +226,16 @@ def test_amp_the_device_cannot_run_is_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
-    with pytest.raises(SystemExit, match="bf16"):
+    with pytest.raises(UsageError, match="bf16"):
         check_amp("bf16", torch.device("cuda", 0))
     check_amp("fp16", torch.device("cuda", 0))
     for amp in ("fp16", "tf32"):
-        with pytest.raises(SystemExit, match=amp):
+        with pytest.raises(UsageError, match=amp):
             check_amp(amp, DEVICE)
     check_amp("bf16", DEVICE)
 
 
-def test_bf16_on_a_gpu_without_it_stops_before_any_work(tmp_path, monkeypatch):
+def test_bf16_on_a_gpu_without_it_stops_before_any_work(tmp_path, monkeypatch, capsys):
     import gld_distill
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -241,7 +244,7 @@ def test_bf16_on_a_gpu_without_it_stops_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         gld_distill.main(["-ts", *CHEAP_TEACHERS, "-c", str(tmp_path / "c"), "--gld_root_path", str(toy_gld()),
                           "--path_to_pretrained_weights", str(weights_dir()), "--amp", "bf16"])
-    assert "bf16" in str(stop.value.code) and not (tmp_path / "c").exists()
+    assert stop.value.code == 2 and "bf16" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_requirements_name_the_torch_the_code_needs():

@@ -3,7 +3,7 @@ lists that name a video or an image twice, an output file that is one of the run
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, run_script, toy_gld
+from helpers import ROOT, run_main, toy_gld
 from PIL import Image
 
 from datasets.gld import GLDDataError, read_image_ids
@@ -51,12 +51,12 @@ def test_an_output_file_that_is_an_input_is_refused_before_any_work(tmp_path):
     ckpt = tmp_path / "student.pt"
     torch.save({"state_dict": student_checkpoint_state(build_student("resnet18"))}, ckpt)
     before = ckpt.read_bytes()
-    res = run_script("oxford_paris_eval.py", "-a", "resnet18", "-r", ckpt, "--output_json", ckpt, "-dp", tmp_path)
+    res = run_main("oxford_paris_eval.py", "-a", "resnet18", "-r", ckpt, "--output_json", ckpt, "-dp", tmp_path)
     assert res.returncode == 2 and "--output_json" in res.stderr and "Traceback" not in res.stderr
     assert ckpt.read_bytes() == before
     link = tmp_path / "link.pt"  # the same file under another name
     link.symlink_to(ckpt)
-    res = run_script("oxford_paris_eval.py", "-a", "resnet18", "-r", link, "--output_json", ckpt, "-dp", tmp_path)
+    res = run_main("oxford_paris_eval.py", "-a", "resnet18", "-r", link, "--output_json", ckpt, "-dp", tmp_path)
     assert res.returncode == 2 and ckpt.read_bytes() == before
 
 

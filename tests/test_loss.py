@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.loss import STRATEGIES, MultiTeacherDistillLoss
+from utils.distributed import DistContext
 
 ST, TT = 0.07, 0.05
 TEACHERS = ["t_a", "t_b", "t_c"]
@@ -133,12 +134,12 @@ def test_win_counts_accumulate_and_bad_arguments():
 
 # ---- two processes (gloo): each rank holds half of the batch, gradients averaged as DDP does ----
 
-def _distributed_case(x1, x2, t1, t2, strategy):
+def _distributed_case(x1, x2, t1, t2, strategy, ctx=None):
     """A linear student on inputs x; returns loss, its parameter grads and the input grads."""
     torch.manual_seed(0)
     proj = torch.nn.Linear(x1.shape[1], 5)
     x1, x2 = x1.clone().requires_grad_(), x2.clone().requires_grad_()
-    loss_fn = MultiTeacherDistillLoss(st=ST, tt=TT, strategy=strategy, teachers=TEACHERS)
+    loss_fn = MultiTeacherDistillLoss(st=ST, tt=TT, strategy=strategy, teachers=TEACHERS, ctx=ctx)
     loss = loss_fn(proj(x1), proj(x2), t1, t2)["distill loss"]
     loss.backward()
     return loss.detach(), [p.grad for p in proj.parameters()], x1.grad, x2.grad, loss_fn.pos_win_count
@@ -150,7 +151,8 @@ def _worker(rank, world, init_file, out_dir, strategy):
         x1, x2, t1, t2 = _batch(n=8, d_stu=7, seed=9)
         rows = slice(rank * 4, rank * 4 + 4)
         loss, grads, g1, g2, wins = _distributed_case(x1[rows], x2[rows], [t[rows] for t in t1],
-                                                      [t[rows] for t in t2], strategy)
+                                                      [t[rows] for t in t2], strategy,
+                                                      DistContext(rank=rank, world_size=world))
         for g in grads:  # DDP's gradient averaging
             dist.all_reduce(g)
             g /= world

@@ -4,11 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import assert_exit, assert_names
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import plot_metrics  # noqa: E402
 
+from utils.errors import UserError  # noqa: E402
 from utils.training_plot import iteration_series  # noqa: E402
 
 
@@ -47,14 +49,18 @@ def test_strategies_without_wins_and_another_output(tmp_path):
 
 
 def test_a_folder_without_a_run_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="metrics.jsonl not found"):
+    metrics = tmp_path / "metrics.jsonl"
+    with pytest.raises(UserError) as exc:
         plot_metrics.main([str(tmp_path)])
+    assert_exit(exc, 1, metrics, "not found")
     write_metrics(tmp_path, [{"type": "resume", "epoch": 0, "iteration": 0}])
-    with pytest.raises(SystemExit, match="no iteration records"):
+    with pytest.raises(UserError) as exc:
         plot_metrics.main([str(tmp_path)])
-    (tmp_path / "metrics.jsonl").write_text("{broken\n" + json.dumps(iter_record(1, None)) + "\n")
-    with pytest.raises(SystemExit, match="not a JSON record"):
+    assert_exit(exc, 1, metrics, "iteration")  # the file, and what it lacks
+    metrics.write_text("{broken\n" + json.dumps(iter_record(1, None)) + "\n")
+    with pytest.raises(UserError) as exc:
         plot_metrics.main([str(tmp_path)])
+    assert_exit(exc, 1, f"{metrics}:1")  # the file and the line
 
 
 def test_the_retrieval_grid_has_a_row_per_query_and_model(tmp_path):
@@ -68,6 +74,7 @@ def test_the_retrieval_grid_has_a_row_per_query_and_model(tmp_path):
     with Image.open(save_retrieval_grid(tmp_path / "two.png", [row, row])) as two, \
             Image.open(save_retrieval_grid(tmp_path / "four.png", [row] * 4)) as four:
         assert two.format == four.format == "PNG" and two.size[0] == four.size[0] and four.size[1] > 1.5 * two.size[1]
-    with pytest.raises(ValueError, match="unknown result label"):
+    with pytest.raises(ValueError) as exc:
         save_retrieval_grid(tmp_path / "bad.png", [("q", tile(0), [(tile(1), "maybe", 1, 0.5)])])
+    assert_names(exc.value, "maybe", "positive", "junk", "negative")  # the bad label, and the valid ones
     assert not (tmp_path / "bad.png").exists()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_names
 from PIL import Image
 
 from datasets.svd.data import (
@@ -68,31 +69,38 @@ def test_missing_file_names_key_and_path(tmp_path):
     path = _write_meta(tmp_path)
     (tmp_path / "test_groundtruth").unlink()
     meta = SVDMeta.from_yaml(path)
-    with pytest.raises(SVDMetaError, match=r"'test_groundtruth'.*test_groundtruth"):
+    with pytest.raises(SVDMetaError) as exc:
         _ = meta.test_query_ids
+    assert_names(exc.value, "'test_groundtruth'", tmp_path / "test_groundtruth")  # the yaml key and its path
     config = yaml.safe_load(path.read_text())
     del config["unlabeled_id"]
-    with pytest.raises(SVDMetaError, match="no 'unlabeled_id' entry"):
+    with pytest.raises(SVDMetaError) as exc:
         _ = SVDMeta(config).unlabeled_ids
-    with pytest.raises(SVDMetaError, match="dataset_meta"):
+    assert_names(exc.value, "'unlabeled_id'")
+    with pytest.raises(SVDMetaError) as exc:
         SVDMeta.from_yaml(tmp_path / "missing.yaml")
+    assert_names(exc.value, tmp_path / "missing.yaml", "--dataset_meta")  # the file, and the flag that names it
 
 
 def test_unknown_video_and_zero_frames(tmp_path):
     meta = SVDMeta.from_yaml(_write_meta(tmp_path, counts="t1 4\nt2 0\nt3 2\nt4 1\n"))
-    with pytest.raises(SVDMetaError, match=r"no entry in the frame-count file.*'t5'"):
+    with pytest.raises(SVDMetaError) as exc:
         meta.check_videos(meta.train_ids, "training")
-    with pytest.raises(SVDMetaError, match=r"0 frames.*'t2'"):
+    assert_names(exc.value, tmp_path / "frame_count_file", "'t5'")  # the count file, and the video without a count
+    with pytest.raises(SVDMetaError) as exc:
         meta.check_videos(["t1", "t2"], "training")
+    assert_names(exc.value, tmp_path / "frame_count_file", "'t2'", "0 frames")
 
 
 def test_malformed_lines(tmp_path):
     meta = SVDMeta.from_yaml(_write_meta(tmp_path, train_gt="t1 t2\n"))
-    with pytest.raises(SVDMetaError, match="train_groundtruth:1"):
+    with pytest.raises(SVDMetaError) as exc:
         _ = meta.train_ids
+    assert_names(exc.value, f"{tmp_path / 'train_groundtruth'}:1")  # file:line
     meta = SVDMeta.from_yaml(_write_meta(tmp_path, counts="t1 many\n"))
-    with pytest.raises(SVDMetaError, match="frame_count_file:1"):
+    with pytest.raises(SVDMetaError) as exc:
         _ = meta.frame_counts
+    assert_names(exc.value, f"{tmp_path / 'frame_count_file'}:1")
 
 
 def test_frame_sampler_one_frame_per_video_and_resume():
@@ -125,10 +133,12 @@ def test_frame_sampler_one_frame_per_video_and_resume():
     c = DistributedFrameSampler([10] * 4, batch_size=4, world_size=2, rank=1)
     rng = random.Random(1)
     assert [i % 10 for i in next(iter(c))] == [rng.randint(0, 9) for _ in range(2)]
-    with pytest.raises(SVDMetaError, match="leave 0 per process"):
+    with pytest.raises(SVDMetaError) as exc:
         DistributedFrameSampler([3], batch_size=2, world_size=2, rank=0)
-    with pytest.raises(SVDMetaError, match="leave 1 per process"):
+    assert_names(exc.value, "1 training", "2 process", "0 per process")  # the videos, the processes, the share
+    with pytest.raises(SVDMetaError) as exc:
         DistributedFrameSampler([3, 3, 3], batch_size=2, world_size=2, rank=0)
+    assert_names(exc.value, "3 training", "2 process", "1 per process")
 
 
 def _frames(tmp_path, videos):
@@ -153,8 +163,9 @@ def test_frame_datasets(tmp_path):
     assert Counter(v for v, _ in pca) == {"v1": 3, "v2": 4} and len(set(pca)) == 7
     assert pca == sample_pca_frames(["v1", "v2"], [3, 7], per_video=4, seed=0)
     assert FrameList(str(tmp_path), pca)[2][1] == 2
-    with pytest.raises(SVDMetaError, match=r"frame file not found: .*v1/0003\.jpg"):
+    with pytest.raises(SVDMetaError) as exc:
         TrainFrames(str(tmp_path), ["v1"], [4])[3]
+    assert_names(exc.value, tmp_path / "v1" / "0003.jpg", "not found")
 
 
 def test_toy_svd_writer_is_consistent_and_deterministic(tmp_path):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CHEAP_TEACHERS, run_script, torchrun, weights_dir
+from helpers import CHEAP_TEACHERS, run_main, run_script, torchrun, weights_dir
 from PIL import Image
 
 from utils.checkpoint import load_file
@@ -164,7 +164,7 @@ def test_svd_eval_teacher_pca_cli_matches_recomputation(toy, tmp_path):
     root, info = toy
     weights = weights_dir(CHEAP_TEACHERS)
     out = tmp_path / "res.json"
-    proc = run_script("svd_eval.py", "-t", "mocov3", "--pca", "--path_to_pretrained_weights", weights,
+    proc = run_main("svd_eval.py", "-t", "mocov3", "--pca", "--path_to_pretrained_weights", weights,
                       "-dm", root / "svd.yaml", "--sim_fn", "cf", "--topk", "1", "3", "--max_frames", "4",
                       "--stride", "2", "--crop_size", str(CROP), "-b", "3", "--num_workers", "0", "--no_progress",
                       "--output_json", out)
@@ -216,7 +216,7 @@ def test_gld_distill_refuses_to_resume_an_svd_run(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    res = run_script("gld_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", run, "-r", "auto",
+    res = run_main("gld_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", run, "-r", "auto",
                      "--gld_root_path", toy_gld(), "--path_to_pretrained_weights", weights_dir(CHEAP_TEACHERS),
                      "--student_init", "random", "--imsize", 32, "-b", 4, "--epochs", 3, "--num_workers", 0,
                      "--no_progress")

@@ -1,30 +1,33 @@
 """--teacher_cache: replayable views equal the paper's transforms, stored embeddings equal the online teachers' on
 the student's very input, reproducible view choice, a build that is the same on 1 and 2 gloo ranks and resumes
 after a kill, cache keys, and training from the cache that never runs a teacher and resumes exactly."""
-import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import CHEAP_TEACHERS, ROOT, run_script, torch_threads, toy_gld, weights_dir
-from PIL import Image
+from helpers import CHEAP_TEACHERS, ROOT, assert_user_error, run_main, torch_threads, toy_gld, weights_dir
+from PIL import Image, ImageOps
 
 import engine.teacher_cache as tc
 from datasets.gld import GLDPairDataset
 from datasets.sampler import SeededItems
 from datasets.transforms import GLDView, gld_train_transform, svd_augment, svd_distill_views
-from engine.cli import check_weight_files
-from engine.distill import build_teachers
+from engine.distill import build_teachers, check_weight_files
+from engine.params import GLDTrainParams
+from engine.training_data import build_gld_data
 from utils.checkpoint import load_file
-from utils.distributed import DistContext, free_port, init_distributed
-from utils.files import fingerprint
+from utils.distributed import DistContext
+from utils.flags import declared_fields
+from utils.launch import free_port, init_distributed
 from utils.preemption import EXIT_PREEMPTED
 
 VIEWS, SIZE = 2, 32
@@ -71,27 +74,28 @@ def test_a_replayed_view_is_the_paper_transform_under_the_same_seed(name):
 
 
 # --------------------------------------------------------------------------------------------- the cache
+def toy_items_root():
+    return toy_gld(n_landmarks=6, imgs_per_landmark=2, size=40, seed=5, n_singletons=0)
+
+
 def cache_args(cache_dir, weights=None, **overrides):
-    """``weights``: the folder of another process's ``weights_dir()`` (a spawned rank would write its own, whose
-    random PCA bytes depend on the thread count)."""
-    args = argparse.Namespace(teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(weights or weights_dir()),
-                              p=3.0,
-                              embed_dim=512, seed=0, teacher_cache=str(cache_dir), teacher_views=VIEWS,
-                              teacher_cache_dtype="float16", num_workers=0, amp="none", no_progress=True,
-                              trust_checkpoint=False)
-    check_weight_files(args, "gld_pca_learn.py")  # sets weight_sha256, as the preflight does
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    """A run's parameters with its preflight's file hashes. ``weights``: the folder of another process's
+    ``weights_dir()`` (a spawned rank would write its own, whose random PCA bytes depend on the thread count)."""
+    values = dict(teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(weights or weights_dir()),
+                  ckpt_dir=str(Path(cache_dir) / "run"), gld_root_path=str(toy_items_root()), imsize=SIZE,
+                  teacher_cache=str(cache_dir), teacher_views=VIEWS, num_workers=0, no_progress=True, batch_size=2)
+    params = GLDTrainParams(**{**values, **overrides})
+    params.weight_sha256 = check_weight_files(params)  # as the preflight does
+    return params
 
 
 def toy_items():
-    return GLDPairDataset(toy_gld(n_landmarks=6, imgs_per_landmark=2, size=40, seed=5, n_singletons=0))
+    return GLDPairDataset(toy_items_root())
 
 
-def make_cache(args, size=SIZE):
-    data = toy_items()
-    return tc.TeacherCache(args, len(data), fingerprint(data.image_ids), data.load, [GLDView(size)])
+def make_cache(params):
+    data = build_gld_data(params, DistContext())
+    return tc.TeacherCache(params, len(data.dataset), data.fingerprint, data.load_item, data.views)
 
 
 def small_shards(monkeypatch):
@@ -217,22 +221,24 @@ def teachers_counting(teachers, calls):
     return counted
 
 
-def _build_on_rank(rank, port, cache_dir, weights):
+def _build_on_rank(rank, port, cache_dir, weights, root):
     tc.CACHE_SHARD, tc.VIEWS_PER_BATCH = 4, 4  # as small_shards, in the spawned process
     torch.set_num_threads(1)
     ctx = init_distributed(rank, False, f"tcp://127.0.0.1:{port}", 0, 2)
     try:
-        args = cache_args(cache_dir, weights)
+        args = cache_args(cache_dir, weights, gld_root_path=str(root))  # the data root is in the key: the same
         make_cache(args).build(build_teachers(args), ctx)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_build_the_cache_of_one(tmp_path, monkeypatch):
-    torch.multiprocessing.spawn(_build_on_rank, args=(free_port(), tmp_path / "two", weights_dir()), nprocs=2)
+    torch.multiprocessing.spawn(_build_on_rank, args=(free_port(), tmp_path / "two", weights_dir(), toy_items_root()),
+                                nprocs=2)
     small_shards(monkeypatch)
-    one = make_cache(cache_args(tmp_path / "one"))
-    one.build(build_teachers(one.args), DistContext())
+    params = cache_args(tmp_path / "one")
+    one = make_cache(params)
+    one.build(build_teachers(params), DistContext())
     two = make_cache(cache_args(tmp_path / "two"))
     assert two.complete and two.entries()[0].folder.name == one.entries()[0].folder.name
     got, expected = shard_files(two.entries()[0]), shard_files(one.entries()[0])
@@ -245,21 +251,76 @@ def test_two_gloo_ranks_build_the_cache_of_one(tmp_path, monkeypatch):
                                        atol=2 * FP16_ATOL, err_msg=name)
 
 
-def test_the_key_names_everything_that_changes_a_stored_embedding(tmp_path):
-    base = cache_args(tmp_path)
-    folder = lambda cache: cache.entries()[0].folder  # noqa: E731
-    reference = folder(make_cache(base))
-    assert folder(make_cache(cache_args(tmp_path))) == reference
-    other_bytes = {**base.weight_sha256, next(iter(base.weight_sha256)): "0" * 64}
-    changed = [cache_args(tmp_path, teacher_views=3), cache_args(tmp_path, weight_sha256=other_bytes),
-               cache_args(tmp_path, p=1.0), cache_args(tmp_path, seed=1), cache_args(tmp_path, embed_dim=256),
-               cache_args(tmp_path, teachers=list(CHEAP_TEACHERS[::-1])),
-               cache_args(tmp_path, teacher_cache_dtype="float32")]
-    folders = [folder(make_cache(args)) for args in changed] + [folder(make_cache(base, size=SIZE + 8))]
-    data = toy_items()
-    fewer = tc.TeacherCache(base, len(data) - 2, fingerprint(data.image_ids[:-2]), data.load, [GLDView(SIZE)])
-    folders.append(folder(fewer))
-    assert reference not in folders and len(set(folders)) == len(folders)
+def stored(cache):
+    """Everything the cache stores (every chain's shards), by file name."""
+    return {f"{chain}/{name}": array for chain, entry in enumerate(cache.entries())
+            for name, array in shard_files(entry).items()}
+
+
+@pytest.fixture(scope="module")
+def perturbations(tmp_path_factory):
+    """For every flag of the training: another valid value (or values of several flags that only go together).
+    ``gld_root_path``: another folder of other images under the same names (image contents are not hashed: the
+    key takes the folder); ``gld_csv``: the same list at another path; ``path_to_pretrained_weights``: a copy."""
+    root = tmp_path_factory.mktemp("perturbed")
+    other_images = root / "gld"
+    shutil.copytree(toy_items_root(), other_images)
+    for image in (other_images / "train").rglob("*.jpg"):  # the same names, other pixels
+        with Image.open(image) as img:
+            ImageOps.invert(img.convert("RGB")).save(image)
+    csv_copy = root / "list.csv"
+    shutil.copy(toy_items_root() / "meta" / "train_clean.csv", csv_copy)
+    weights_copy = root / "weights"
+    shutil.copytree(weights_dir(), weights_copy)
+    return {
+        "world_size": {"world_size": 2}, "nproc_per_node": {"nproc_per_node": 2}, "rank": {"rank": 1},
+        "dist_url": {"dist_url": "tcp://127.0.0.1:29400"}, "device": {"device": "cpu"}, "seed": {"seed": 1},
+        "amp": {"amp": "bf16"}, "no_progress": {"no_progress": False}, "trust_checkpoint": {"trust_checkpoint": True},
+        "arch": {"arch": "resnet34"}, "teachers": {"teachers": list(CHEAP_TEACHERS[::-1])},
+        "path_to_pretrained_weights": {"path_to_pretrained_weights": str(weights_copy)},
+        "embed_dim": {"embed_dim": 256, "path_to_pretrained_weights": str(weights_dir(embed_dim=256))},
+        "p": {"p": 1.0}, "student_init": {"student_init": "random"}, "batch_size": {"batch_size": 4},
+        "num_workers": {"num_workers": 1}, "ckpt_dir": {"ckpt_dir": str(root / "elsewhere")},
+        "resume": {"resume": str(csv_copy)}, "overwrite": {"overwrite": True}, "epochs": {"epochs": 3},
+        "start_epoch": {"start_epoch": 1}, "lr": {"lr": 0.1}, "weight_decay": {"weight_decay": 0.0},
+        "strategy": {"strategy": "mean"}, "snapshot_step": {"snapshot_step": 2}, "log_every": {"log_every": 3},
+        "teacher_cache": {"teacher_cache": str(root / "another_cache")}, "teacher_views": {"teacher_views": 3},
+        "teacher_cache_dtype": {"teacher_cache_dtype": "float32"}, "deterministic": {"deterministic": True},
+        "gld_root_path": {"gld_root_path": str(other_images)}, "gld_csv": {"gld_csv": str(csv_copy)},
+        "imsize": {"imsize": SIZE + 8}, "tt": {"tt": 0.1}, "st": {"st": 0.1},
+    }
+
+
+def test_every_training_flag_is_probed(perturbations):
+    """A new flag must be given a perturbation here: the key test below then decides its teacher-cache role."""
+    assert {field.name for field, _ in declared_fields(GLDTrainParams)} == set(perturbations)
+
+
+def test_the_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp_path, perturbations):
+    """Perturbing a flag changes the cache's key if and only if it changes what the cache stores (the teachers'
+    embeddings of the views, the views' parameters): a flag that changes the embeddings but not the key would reuse
+    a stale cache; one that changes the key but not the embeddings would rebuild it for nothing. The flags outside
+    the key are perturbed all at once for the stored values (they change nothing together, so none does alone)."""
+    def built(name, changes):
+        params = cache_args(tmp_path / name, **changes)
+        cache = make_cache(params)
+        with torch_threads(1):
+            cache.build(build_teachers(params), DistContext())
+        return [entry.key for entry in cache.entries()], stored(cache)
+
+    base_key, base_values = built("base", {})
+    keyed = [name for name, changes in perturbations.items()
+             if [entry.key for entry in make_cache(cache_args(tmp_path / "keys", **changes)).entries()] != base_key]
+    assert keyed  # the key is not blind
+    free = {k: v for name, changes in perturbations.items() if name not in keyed for k, v in changes.items()}
+    _, values = built("free", free)
+    assert values.keys() == base_values.keys()
+    for file, array in base_values.items():  # nothing outside the key changes a stored value
+        np.testing.assert_array_equal(values[file], array, err_msg=file)
+    for name in keyed:  # everything in the key does
+        _, values = built(name, perturbations[name])
+        assert values.keys() != base_values.keys() or any(
+            values[f].shape != a.shape or not np.array_equal(values[f], a) for f, a in base_values.items()), name
 
 
 # ------------------------------------------------------------------------------------ training from it
@@ -278,7 +339,7 @@ def distill(ckpt_dir, cache_dir, *extra):
 def cached_run(tmp_path_factory):
     """The first run names the cache, builds it and trains from it; 8 groups, 2 pairs, 4 iterations per epoch."""
     root = tmp_path_factory.mktemp("cached_run")
-    res = run_script(*distill(root / "run", root / "cache"))
+    res = run_main(*distill(root / "run", root / "cache"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "building 2 view(s) of 16 items" in res.stdout
     return root
@@ -303,9 +364,11 @@ def test_a_stop_signal_during_the_cache_build_exits_75_and_the_same_command_cont
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    assert "Traceback" not in err and "while building the teacher cache" in out + err
+    assert "Traceback" not in err, err[-3000:]
+    said = [line for line in (out + err).splitlines() if "signal" in line and str(tmp_path / "cache") in line]
+    assert said, out[-2000:] + err[-2000:]  # the log names the stop and the cache it interrupted
     assert not (ckpt / "checkpoint_last.pt").exists()
-    res = run_script(*distill(ckpt, tmp_path / "cache", "-r", "auto"))
+    res = run_main(*distill(ckpt, tmp_path / "cache", "-r", "auto"))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = load_file(cached_run / "run" / "checkpoint_last.pt"), load_file(ckpt / "checkpoint_last.pt")
     for key, value in a["state_dict"].items():  # the same cache, the same training
@@ -322,11 +385,9 @@ def test_a_corrupt_cache_file_is_one_line_naming_it_and_a_fix_the_script_takes(c
     shutil.copytree(cached_run / "cache", cache)
     params = next(cache.rglob("shard-000000.params.npy"))
     params.write_bytes(params.read_bytes()[:40])  # torn
-    res = run_script(*distill(tmp_path / "run", cache))
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and str(params) in errors[0] and "--refresh_cache" not in errors[0]
-    assert f"delete {params.parent}" in errors[0]
+    res = run_main(*distill(tmp_path / "run", cache))
+    line = assert_user_error(res, 1, params, f"delete {params.parent}")  # the torn file, and a fix this script takes
+    assert "--refresh_cache" not in line  # a flag of the evaluation scripts only
 
 
 @pytest.mark.slow
@@ -342,9 +403,7 @@ def test_training_from_the_cache_never_builds_or_calls_a_teacher(cached_run, tmp
     monkeypatch.setattr(engine_distill, "build_teachers", forbidden)
     monkeypatch.setattr(WhitenedTeachers, "forward", forbidden)
     argv = distill(tmp_path / "again", cached_run / "cache", "--num_workers", 0)[1:]  # without the script
-    args = gld_distill.parse_args(list(map(str, argv)))
-    gld_distill.check_gld(args)
-    trainer = engine_distill.run_distillation(args, DistContext(), gld_distill.build_gld_data)
+    trainer = gld_distill.main(list(map(str, argv)))
     assert trainer.criterion.teachers is None and trainer.iteration == 8
     first = load_file(cached_run / "run" / "checkpoint_last.pt")["state_dict"]
     again = student_checkpoint_state(trainer.student)
@@ -371,7 +430,7 @@ def test_a_run_from_the_cache_stopped_mid_epoch_resumes_exactly(cached_run, tmp_
             proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert load_file(ckpt / "checkpoint_last.pt")["epoch_iteration"] > 0
-    res = run_script(*distill(ckpt, cached_run / "cache", "-r", "auto"))
+    res = run_main(*distill(ckpt, cached_run / "cache", "-r", "auto"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "no teacher runs" in res.stdout
     a, b = load_file(cached_run / "run" / "checkpoint_last.pt"), load_file(ckpt / "checkpoint_last.pt")

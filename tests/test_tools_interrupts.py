@@ -10,8 +10,8 @@ import time
 import pytest
 from helpers import ROOT
 
-from utils.distributed import EXIT_INTERRUPTED, run_tool
-from utils.preemption import EXIT_PREEMPTED
+from utils.launch import run_tool
+from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from utils.workers import worker_pool
 
 

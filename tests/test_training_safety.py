@@ -13,8 +13,18 @@ import time
 
 import pytest
 import torch
-from helpers import CHEAP_TEACHERS, ROOT, random_pca, run_script, torchrun, weights_dir
-from test_gld_distill import distill_cmd, read_metrics
+from helpers import (
+    CHEAP_TEACHERS,
+    ROOT,
+    assert_user_error,
+    distill_cmd,
+    random_pca,
+    read_metrics,
+    run_main,
+    run_script,
+    torchrun,
+    weights_dir,
+)
 
 from models.pca_layer import pca_weight_path, save_pca_layer
 from models.teachers import TEACHER_FILES
@@ -27,13 +37,7 @@ GROUPS = 8  # usable landmark groups of gld_root()
 
 def one_line_failure(res, *needles):
     """Exit 1 with a single ``<script>: error: ...`` line on stderr naming ``needles``, and no traceback."""
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1, res.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
+    return assert_user_error(res, 1, *needles)
 
 
 def wins(ckpt_dir):
@@ -76,7 +80,7 @@ def test_svd_single_leftover_video_joins_the_last_batch(tmp_path):
                         frames=(2, 3), size=32, seed=2)
     n_train = 6 * 4
     assert len(info["ids"]["train_query"]) == 6
-    res = run_script("svd_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", tmp_path / "run",
+    res = run_main("svd_distill.py", "-a", "resnet18", "-ts", *CHEAP_TEACHERS, "-c", tmp_path / "run",
                      "-dm", tmp_path / "svd" / "svd.yaml", "--path_to_pretrained_weights", weights_dir(),
                      "--student_init", "random", "-b", n_train - 1, "--num_workers", 0, "--crop_size", 32,
                      "--lr", 1e-3, "--epochs", 1, "--no_progress")
@@ -90,46 +94,46 @@ def test_svd_single_leftover_video_joins_the_last_batch(tmp_path):
 def finished(tmp_path_factory):
     """A finished 2-epoch run with a snapshot every epoch (-b 4: 2 iterations per epoch)."""
     ckpt_dir = tmp_path_factory.mktemp("finished")
-    res = run_script(*distill_cmd(ckpt_dir, "--snapshot_step", 1))
+    res = run_main(*distill_cmd(ckpt_dir, "--snapshot_step", 1))
     assert res.returncode == 0, res.stderr[-3000:]
     return ckpt_dir
 
 
 def test_a_fresh_run_never_writes_into_a_run_folder(finished, tmp_path):
     before = snapshot_bytes(finished)
-    res = run_script(*distill_cmd(finished, "--snapshot_step", 1))
-    one_line_failure(res, "already holds a training run", "-r auto", "--overwrite")
+    res = run_main(*distill_cmd(finished, "--snapshot_step", 1))
+    one_line_failure(res, finished, "-r auto", "--overwrite")  # the folder, and the two ways on
     assert snapshot_bytes(finished) == before  # config, log, metrics and every checkpoint untouched
     # --overwrite: the previous run is deleted first, so no snapshot of it survives next to the new ones
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
-    res = run_script(*distill_cmd(copy, "--epochs", 1, "--snapshot_step", 1, "--overwrite"))
+    res = run_main(*distill_cmd(copy, "--epochs", 1, "--snapshot_step", 1, "--overwrite"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in copy.glob("*.pt")) == ["checkpoint_1.pt", "checkpoint_last.pt"]
     assert [r["iteration"] for r in read_metrics(copy) if r["type"] == "iter"] == [1, 2]
     assert "--overwrite: deleted the previous run's" in (copy / "log.log").read_text()
 
 
-@pytest.mark.parametrize("flag, value, says", [
-    ("-a", "resnet34", "was trained with --arch resnet18"),
-    ("--seed", "3", "was trained with --seed 0"),
-    ("-s", "mean", "was trained with --strategy maxmin"),
-    ("--imsize", "40", "was trained with --imsize 32"),
+@pytest.mark.parametrize("flag, value, trained, asked", [  # the flag as the run was trained, and as now given
+    ("-a", "resnet34", "--arch resnet18", "--arch resnet34"),
+    ("--seed", "3", "--seed 0", "--seed 3"),
+    ("-s", "mean", "--strategy maxmin", "--strategy mean"),
+    ("--imsize", "40", "--imsize 32", "--imsize 40"),
 ])
-def test_a_refused_resume_writes_nothing(finished, flag, value, says):
+def test_a_refused_resume_writes_nothing(finished, flag, value, trained, asked):
     before = snapshot_bytes(finished)
-    res = run_script(*distill_cmd(finished, "--snapshot_step", 1, "--epochs", 3, "-r", "auto", flag, value))
-    one_line_failure(res, says, "a new -c folder")
+    res = run_main(*distill_cmd(finished, "--snapshot_step", 1, "--epochs", 3, "-r", "auto", flag, value))
+    one_line_failure(res, finished, trained, asked)
     assert snapshot_bytes(finished) == before
 
 
 def test_resuming_a_finished_run_has_nothing_to_do(finished):
     before = snapshot_bytes(finished)
-    res = run_script(*distill_cmd(finished, "--snapshot_step", 1, "-r", "auto"))
+    res = run_main(*distill_cmd(finished, "--snapshot_step", 1, "-r", "auto"))
     assert res.returncode == 0 and "nothing to do" in res.stdout, res.stderr[-2000:]
     assert snapshot_bytes(finished) == before
-    res = run_script(*distill_cmd(finished, "--snapshot_step", 1, "-r", "auto", "--epochs", 1))
-    one_line_failure(res, "already trained 2 epochs, more than --epochs 1")
+    res = run_main(*distill_cmd(finished, "--snapshot_step", 1, "-r", "auto", "--epochs", 1))
+    one_line_failure(res, "--epochs 1", "--epochs 2")  # the flag as given, and the value that resumes
 
 
 def test_kill_between_the_two_checkpoint_writes_loses_no_snapshot(finished, tmp_path):
@@ -140,7 +144,7 @@ def test_kill_between_the_two_checkpoint_writes_loses_no_snapshot(finished, tmp_
     older = tmp_path / "older"
     older.mkdir()
     shutil.copy(finished / "checkpoint_1.pt", older / "checkpoint_last.pt")
-    res = run_script(*distill_cmd(older, "--snapshot_step", 1, "-r", "auto"))
+    res = run_main(*distill_cmd(older, "--snapshot_step", 1, "-r", "auto"))
     assert res.returncode == 0, res.stderr[-3000:]
     recovered = load_file(older / "checkpoint_1.pt")
     for key, value in load_file(finished / "checkpoint_1.pt")["state_dict"].items():
@@ -152,7 +156,7 @@ def test_kill_between_the_two_checkpoint_writes_loses_no_snapshot(finished, tmp_
     newer.mkdir()
     shutil.copy(finished / "checkpoint_1.pt", newer / "checkpoint_last.pt")
     shutil.copy(finished / "checkpoint_2.pt", newer / "checkpoint_2.pt")
-    res = run_script(*distill_cmd(newer, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
+    res = run_main(*distill_cmd(newer, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {newer / 'checkpoint_2.pt'} at epoch 2" in res.stdout
     assert load_file(newer / "checkpoint_last.pt")["epoch"] == 3
@@ -164,7 +168,7 @@ def test_resume_with_another_batch_size_keeps_the_schedule(finished, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(finished / "checkpoint_1.pt", run / "checkpoint_last.pt")
-    res = run_script(*distill_cmd(run, "-r", "auto", "-b", 2))
+    res = run_main(*distill_cmd(run, "-r", "auto", "-b", 2))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: 2 -> 4 iterations per epoch" in res.stdout
     iters = [r for r in read_metrics(run) if r["type"] == "iter"]
@@ -179,7 +183,7 @@ def test_resume_with_another_lr_and_more_epochs_says_what_it_does(finished, tmp_
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(finished / "checkpoint_last.pt", run / "checkpoint_last.pt")
-    res = run_script(*distill_cmd(run, "-r", "auto", "--epochs", 3, "--lr", "5e-4"))
+    res = run_main(*distill_cmd(run, "-r", "auto", "--epochs", 3, "--lr", "5e-4"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--epochs 2 -> 3" in res.stdout and "--lr 0.001 -> 0.0005" in res.stdout
     lrs = [r["lr"] for r in read_metrics(run) if r["type"] == "iter"]
@@ -195,7 +199,7 @@ def test_metrics_stay_consistent_with_the_resumed_state(finished, tmp_path):
     (run / "checkpoint_2.pt").unlink()
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"type": "iter", "iteration": 5, "tor')  # a line torn by the kill
-    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto"))
+    res = run_main(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto"))
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     iters = [r["iteration"] for r in records if r["type"] == "iter"]
@@ -210,11 +214,11 @@ def test_a_torn_last_metrics_line_is_mended_when_nothing_is_dropped(finished, tm
     shutil.copytree(finished, run)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"type": "iter", "iteration": 4, "tor')
-    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
+    res = run_main(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # every line whole
     assert [r["iteration"] for r in records if r["type"] == "iter"] == [1, 2, 3, 4, 5, 6]
-    again = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 4))
+    again = run_main(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 4))
     assert again.returncode == 0, again.stderr[-3000:]
 
 
@@ -225,11 +229,11 @@ def test_a_damaged_metrics_line_is_one_line_before_any_work(finished, tmp_path, 
     text = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (run / "metrics.jsonl").write_text("".join(text[:2] + [line + "\n"] + text[2:]))
     before = snapshot_bytes(run)
-    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
+    res = run_main(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "--epochs", 3))
     one_line_failure(res, "metrics.jsonl:3")
     assert snapshot_bytes(run) == before
     plot = run_script("tools/plot_metrics.py", run)
-    assert plot.returncode == 1 and "Traceback" not in plot.stderr and "metrics.jsonl:3" in plot.stderr
+    assert_user_error(plot, 1, "metrics.jsonl:3")
 
 
 def test_a_refused_mid_epoch_resume_leaves_the_config_as_it_was(finished, tmp_path):
@@ -243,8 +247,8 @@ def test_a_refused_mid_epoch_resume_leaves_the_config_as_it_was(finished, tmp_pa
         (run / stale).unlink()
     torch.save(ckpt, run / "checkpoint_last.pt")
     before = (run / "config.yaml").read_bytes()
-    res = run_script(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "-b", 2))
-    one_line_failure(res, "middle of epoch")
+    res = run_main(*distill_cmd(run, "--snapshot_step", 1, "-r", "auto", "-b", 2))
+    one_line_failure(res, run / "checkpoint_last.pt", "-b")  # the checkpoint, and the flag it cannot change
     assert (run / "config.yaml").read_bytes() == before
 
 
@@ -277,8 +281,8 @@ def test_a_teacher_file_that_is_a_web_page_is_named_before_any_work(tmp_path):
     weights = linked_weights(tmp_path / "weights")
     (weights / TEACHER_FILES["mocov3"]).unlink()
     (weights / TEACHER_FILES["mocov3"]).write_text("<!DOCTYPE html><html>Google Drive - Virus scan warning</html>")
-    res = run_script(*distill_cmd(tmp_path / "run", weights=weights))
-    one_line_failure(res, TEACHER_FILES["mocov3"], "not a PyTorch checkpoint: it is an HTML page")
+    res = run_main(*distill_cmd(tmp_path / "run", weights=weights))
+    one_line_failure(res, weights / TEACHER_FILES["mocov3"], "HTML")  # the file, and what it is instead
     assert "--trust_checkpoint" not in res.stderr and not (tmp_path / "run").exists()
 
 
@@ -286,8 +290,8 @@ def test_resume_from_a_text_file_says_it_is_not_a_checkpoint(tmp_path):
     bogus = tmp_path / "checkpoint_last.pt"
     bogus.write_text("this is not a checkpoint\n")
     for trust in ([], ["--trust_checkpoint"]):
-        res = run_script(*distill_cmd(tmp_path / "run", "-r", bogus, *trust))
-        one_line_failure(res, str(bogus), "not a PyTorch checkpoint: it is a text file")
+        res = run_main(*distill_cmd(tmp_path / "run", "-r", bogus, *trust))
+        one_line_failure(res, bogus, "text")
         assert "--trust_checkpoint" not in res.stderr
 
 
@@ -296,8 +300,8 @@ def test_a_released_student_checkpoint_is_not_resumable(tmp_path):
 
     released = tmp_path / "r18.pth"
     torch.save({"state_dict": student_checkpoint_state(build_student("resnet18"))}, released)
-    res = run_script(*distill_cmd(tmp_path / "run", "-r", released))
-    one_line_failure(res, "is not a training checkpoint", "evaluate it")
+    res = run_main(*distill_cmd(tmp_path / "run", "-r", released))
+    one_line_failure(res, released, "-r/--resume", "oxford_paris_eval.py")  # the file, and the script that uses it
 
 
 def test_a_pca_file_of_another_size_stops_training_and_evaluation(tmp_path):
@@ -305,17 +309,17 @@ def test_a_pca_file_of_another_size_stops_training_and_evaluation(tmp_path):
     weights = linked_weights(tmp_path / "weights")
     for name in CHEAP_TEACHERS:
         save_pca_layer(random_pca(2048, 16), pca_weight_path(weights, name, 64))
-    res = run_script(*distill_cmd(tmp_path / "run", "--embed_dim", 64, weights=weights))
-    one_line_failure(res, "mocov3_pca_64d_svd_224x224_p1.pt whitens to 16 dimensions, but --embed_dim is 64")
+    res = run_main(*distill_cmd(tmp_path / "run", "--embed_dim", 64, weights=weights))
+    one_line_failure(res, pca_weight_path(weights, "mocov3", 64), "--embed_dim 64", "--embed_dim 16")
     assert not (tmp_path / "run").exists()
     from datasets.toy import make_toy_revisitop
 
     make_toy_revisitop(tmp_path / "data", "roxford5k", n_queries=2, n_db=9, size=32, seed=0)
     common = ["oxford_paris_eval.py", "-dp", tmp_path / "data", "--path_to_pretrained_weights", weights,
               "--num_workers", 0, "--no_progress", "-t", "mocov3", "--pca"]
-    one_line_failure(run_script(*common, "--embed_dim", 64), "whitens to 16 dimensions, but --embed_dim is 64")
-    one_line_failure(run_script(*common, "--embed_dim", 32), "mocov3_pca_32d_svd_224x224_p1.pt",
-                     "svd_pca_learn.py -t mocov3 --embed_dim 32")
+    one_line_failure(run_main(*common, "--embed_dim", 64), pca_weight_path(weights, "mocov3", 64), "--embed_dim 16")
+    one_line_failure(run_main(*common, "--embed_dim", 32), pca_weight_path(weights, "mocov3", 32),
+                     "svd_pca_learn.py", "--embed_dim 32")  # the missing file, the script and flag that make it
 
 
 # -------------------------------------------------------------------------------------------- SVD frames
@@ -330,9 +334,9 @@ def test_frame_counts_beyond_the_frames_on_disk_stop_before_training(tmp_path):
              for v, n in (line.split() for line in count_file.read_text().splitlines())]
     count_file.write_text("\n".join(lines) + "\n")
     common = ["-dm", tmp_path / "svd" / "svd.yaml", "--path_to_pretrained_weights", weights_dir(), "--no_progress"]
-    res = run_script("svd_distill.py", "-ts", *CHEAP_TEACHERS, "-c", tmp_path / "run", "--student_init", "random",
+    res = run_main("svd_distill.py", "-ts", *CHEAP_TEACHERS, "-c", tmp_path / "run", "--student_init", "random",
                      "-b", 2, *common)
-    one_line_failure(res, "fewer frames on disk than the frame-count file", repr(victim))
+    one_line_failure(res, count_file, repr(victim))  # the count file, and a video it over-counts
     assert not (tmp_path / "run").exists()
-    res = run_script("svd_pca_learn.py", "-t", "mocov3", "--dump_to", tmp_path / "pca.pt", *common)
-    one_line_failure(res, "fewer frames on disk", repr(victim))
+    res = run_main("svd_pca_learn.py", "-t", "mocov3", "--dump_to", tmp_path / "pca.pt", *common)
+    one_line_failure(res, count_file, repr(victim))

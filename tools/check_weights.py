@@ -22,8 +22,8 @@ from models.students import load_student  # noqa: E402
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher  # noqa: E402
 from utils.argtypes import existing_dir, positive_int  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
 from utils.files import sha256_file  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 
 SVD_TEACHERS = ("mocov3", "barlowtwins")
 

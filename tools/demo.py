@@ -30,14 +30,8 @@ import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datasets.gld import GLDPairDataset  # noqa: E402
-from datasets.oxford_paris import (  # noqa: E402
-    ImageList,
-    RevisitedDataset,
-    RevisitedResult,
-    evaluate_scores,
-    medium_label,
-    similarity,
-)
+from datasets.oxford_paris import ImageList, RevisitedDataset, medium_label  # noqa: E402
+from datasets.revisitop import RevisitedResult, evaluate_scores, similarity  # noqa: E402
 from datasets.toy import make_toy_gld, make_toy_revisitop  # noqa: E402
 from datasets.transforms import imagenet_normalize  # noqa: E402
 from engine.teacher_pretraining import AUGMENTS, PretrainRecipe, pretrain_teacher  # noqa: E402
@@ -46,8 +40,9 @@ from models.students import build_student, student_checkpoint_state  # noqa: E40
 from models.teachers import TEACHER_FILES, TEACHERS, build_teacher, write_published_layout  # noqa: E402
 from utils.argtypes import int_at_least, positive_int, seed_int  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.files import atomic_write, read_jsonl, write_json, write_text  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 from utils.runtime import count_gflops  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
 from utils.visualize import save_retrieval_grid  # noqa: E402
@@ -184,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir).resolve()
     if work.exists() and any(work.iterdir()):  # the demo's own folder is remade; nothing else is ever deleted
         if not (work / DEMO_MARKER).is_file():
-            raise SystemExit(f"tools/demo.py: error: --work_dir {work} exists and was not made by the demo; give a "
-                             "new or empty folder (nothing is deleted)")
+            raise UserError(f"--work_dir {work} exists and was not made by the demo; give a new or empty folder "
+                            "(nothing is deleted)")
         shutil.rmtree(work)
     gld, rev, weights, ckpt, results = (work / n for n in ("gld", "revisitop", "weights", "ckpt", "results"))
     results.mkdir(parents=True)

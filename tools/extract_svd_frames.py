@@ -30,8 +30,9 @@ if str(ROOT) not in sys.path:
 
 from datasets.svd.meta import SVDMeta, SVDMetaError, ordered_union, read_id_file  # noqa: E402
 from utils.argtypes import PathCheckingParser, existing_file, finite_float, int_at_least, output_file  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.files import write_text  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 from utils.log import progress  # noqa: E402
 from utils.workers import worker_pool  # noqa: E402
 
@@ -64,8 +65,7 @@ def require_decoder() -> None:
     try:
         import av  # noqa: F401
     except ImportError:
-        raise SystemExit(f"extract_svd_frames.py: error: decoding videos needs PyAV (FFmpeg in its wheel): "
-                         f"{INSTALL}") from None
+        raise UserError(f"decoding videos needs PyAV (FFmpeg in its wheel): {INSTALL}") from None
 
 
 def metadata_videos(meta: SVDMeta) -> list[str]:
@@ -164,22 +164,19 @@ def _job(item: tuple[str, str | None, str, float, int]) -> tuple[str, int, str |
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     require_decoder()
-    try:
-        meta = SVDMeta.from_yaml(args.dataset_meta)
-        videos = metadata_videos(meta)
-        roots = [str(r) for r in (meta.config.get("video_root_paths") or [])]
-        if not roots:
-            raise SVDMetaError(f"{args.dataset_meta} has no video_root_paths: the folders of the .mp4 files")
-        frame_root = Path(meta.path_of("frame_root_path", must_exist=False))
-        count_file = Path(meta.path_of("frame_count_file", must_exist=False))
-        files = index_videos(roots)
-    except SVDMetaError as exc:
-        raise SystemExit(f"extract_svd_frames.py: error: {exc}") from None
+    meta = SVDMeta.from_yaml(args.dataset_meta)
+    videos = metadata_videos(meta)
+    roots = [str(r) for r in (meta.config.get("video_root_paths") or [])]
+    if not roots:
+        raise SVDMetaError(f"{args.dataset_meta} has no video_root_paths: the folders of the .mp4 files")
+    frame_root = Path(meta.path_of("frame_root_path", must_exist=False))
+    count_file = Path(meta.path_of("frame_count_file", must_exist=False))
+    files = index_videos(roots)
     report = Path(args.report) if args.report else count_file.with_name(count_file.name + ".report.txt")
     missing = [v for v in videos if v not in files and not (frame_root / v).is_dir()]
     if missing and args.strict:
-        raise SystemExit(f"extract_svd_frames.py: error: {len(missing)} of {len(videos)} videos have no .mp4 in "
-                         f"video_root_paths, e.g. {missing[:3]} (--strict)")
+        raise UserError(f"{len(missing)} of {len(videos)} videos have no .mp4 in video_root_paths, e.g. "
+                        f"{missing[:3]} (--strict)")
     frame_root.mkdir(parents=True, exist_ok=True)
     for stale in frame_root.glob(f"{TMP_PREFIX}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -189,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
         records = dict(zip(complete, pool.map(recorded, complete, chunksize=max(1, len(complete) // (8 * args.jobs)))))
     other = [f for f, r in records.items() if r is not None and r != wanted]
     if other and not args.overwrite:
-        raise SystemExit(f"extract_svd_frames.py: error: {len(other)} complete video(s) in {frame_root} were extracted "
-                         f"with {records[other[0]]} (e.g. {Path(other[0]).name}), not {wanted}: rerun with their "
-                         "--fps/--quality to complete them, or pass --overwrite to extract those videos again")
+        raise UserError(f"{len(other)} complete video(s) in {frame_root} were extracted with {records[other[0]]} "
+                        f"(e.g. {Path(other[0]).name}), not {wanted}: rerun with their --fps/--quality to complete "
+                        "them, or pass --overwrite to extract those videos again")
     for folder in other:
         shutil.rmtree(folder)
     unrecorded = sum(r is None for r in records.values())
@@ -224,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         examples = "; ".join(f"{v}: {e}" for v, e in list(failures.items())[:3])
         print(f"not extracted ({report}): {examples}", flush=True)
         if args.strict:
-            raise SystemExit(f"extract_svd_frames.py: error: {len(failures)} video(s) could not be extracted, "
-                             f"listed in {report} (--strict)")
+            raise UserError(f"{len(failures)} video(s) could not be extracted, listed in {report} (--strict)")
     return summary
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script from anywhere
 
 from datasets.toy import make_toy_gld, make_toy_revisitop, make_toy_revisitop1m, make_toy_svd  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 
 
 def write_gld(args: argparse.Namespace) -> Path:

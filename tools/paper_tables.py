@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:
 
 from models.released import RELEASED_STUDENTS, released_checkpoint  # noqa: E402
 from utils.argtypes import output_dir  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
 from utils.files import write_json  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 
 IMAGE_TEACHERS = ["resnet101_gem", "resnet101_ap_gem", "resnet101_solar", "resnet101_delg", "resnet101_dolg"]
 VIDEO_TEACHERS = ["mocov3", "barlowtwins"]

@@ -15,8 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.argtypes import PathCheckingParser, existing_dir, output_file  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.files import read_jsonl  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 from utils.training_plot import plot_training_metrics  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,13 +34,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = get_args_parser().parse_args(argv)
     metrics = Path(args.ckpt_dir) / METRICS_FILE
     if not metrics.is_file():
-        raise SystemExit(f"plot_metrics.py: error: {metrics} not found: give the -c folder of a training run")
+        raise UserError(f"{metrics} not found: give the -c folder of a training run")
     out = Path(args.out) if args.out else Path(args.ckpt_dir) / "metrics.png"
     try:
         records = read_jsonl(metrics)
         plot_training_metrics(records, out, title=Path(args.ckpt_dir).resolve().name)
     except ValueError as exc:
-        raise SystemExit(f"plot_metrics.py: error: {metrics}: {exc}") from None
+        raise UserError(f"{metrics}: {exc}") from None
     print(f"wrote {out}")
     return out
 

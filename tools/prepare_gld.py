@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 
 from datasets.gld import CSV_NAME, IDS_NAME, GLDDataError, image_path, read_landmarks  # noqa: E402
 from utils.argtypes import existing_dir, int_at_least  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
 from utils.files import write_text  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 from utils.log import progress  # noqa: E402
 from utils.workers import worker_pool  # noqa: E402
 
@@ -76,15 +76,12 @@ def check_all(paths: list[str], fn, jobs: int, processes: bool, desc: str, show:
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     root = Path(args.gld_root_path)
-    try:
-        rows = [(landmark, group) for landmark, group, _ in read_landmarks(root)]
-    except GLDDataError as exc:
-        raise SystemExit(f"prepare_gld.py: error: {exc}") from None
+    rows = [(landmark, group) for landmark, group, _ in read_landmarks(root)]
     images = list(dict.fromkeys(i for _, group in rows for i in group))
     bad_ids = [i for i in images if len(i) < 3]
     if bad_ids:
-        raise SystemExit(f"prepare_gld.py: error: {root / CSV_NAME} lists ids shorter than 3 characters, e.g. "
-                         f"{bad_ids[:3]}; the layout train/a/b/c/<id>.jpg needs at least 3")
+        raise GLDDataError(f"{root / CSV_NAME} lists ids shorter than 3 characters, e.g. {bad_ids[:3]}; the "
+                           "layout train/a/b/c/<id>.jpg needs at least 3")
     paths = [str(image_path(root, i)) for i in images]
     exists = check_all(paths, _exist, args.jobs, False, "stat", not args.no_progress)
     missing = {i for i, ok in zip(images, exists) if not ok}

@@ -28,8 +28,9 @@ if str(ROOT) not in sys.path:
 
 from datasets.oxford_paris import DATASETS, DISTRACTORS, DatasetError, load_ground_truth  # noqa: E402
 from utils.argtypes import existing_dir, output_dir  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.files import OutputError, atomic_write, files_exist, read_text, stale_temporaries  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 from utils.log import progress  # noqa: E402
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -124,11 +125,10 @@ def extract_archives(folder: Path, data: Path, by_name: dict[str, Path], by_path
                         while block := src.read(1 << 20):
                             dst.write(block)
                     counts["written"] += 1
-        except OutputError as exc:  # the archive is fine: the disk or the permissions of -dp are not
-            raise SystemExit(f"prepare_revisitop.py: error: {exc}") from None
+        except OutputError:  # the archive is fine: the disk or the permissions of -dp are not (an OSError too)
+            raise
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise SystemExit(f"prepare_revisitop.py: error: cannot read archive {archive} ({exc}); download it "
-                             "again") from None
+            raise UserError(f"cannot read archive {archive} ({exc}); download it again") from None
     print(f"archives of {folder}: {counts['written']} images written, {counts['already_present']} already in place, "
           f"{counts['unexpected']} unexpected members skipped, {counts['refused']} refused (absolute, '..', links)",
           flush=True)
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = get_args_parser().parse_args(argv)
     data = Path(args.data_path)
     if args.extract:
-        try:
-            by_name, by_path = expected_targets(data, args.dataset, args.plus1m)
-        except DatasetError as exc:
-            raise SystemExit(f"prepare_revisitop.py: error: {exc}") from None
+        by_name, by_path = expected_targets(data, args.dataset, args.plus1m)
         extract_archives(Path(args.extract), data, by_name, by_path, not args.no_progress)
     problems = [p for name in args.dataset for p in check_dataset(data, name)]
     if args.plus1m:

@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
 from utils.argtypes import int_at_least, output_dir  # noqa: E402
-from utils.distributed import run_tool  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.launch import run_tool  # noqa: E402
 
 SCRIPTS = ("gld_pca_learn.py", "svd_pca_learn.py", "gld_distill.py", "svd_distill.py", "oxford_paris_eval.py",
            "svd_eval.py")
@@ -40,7 +41,7 @@ def require_submitit():
     try:
         import submitit
     except ImportError:
-        raise SystemExit(f"submit.py: error: submitting to SLURM needs submitit: {INSTALL}") from None
+        raise UserError(f"submitting to SLURM needs submitit: {INSTALL}") from None
     return submitit
 
 

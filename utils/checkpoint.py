@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from utils.errors import UserError
 from utils.files import atomic_write
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or has an unexpected layout."""
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import yaml
 
+from utils.errors import UserError
 from utils.files import read_text, write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file is missing, unparsable or not a mapping."""
 
 

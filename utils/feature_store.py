@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.errors import UserError
 from utils.files import atomic_write, fingerprint, write_json
 from utils.locks import LOCK_NAME
 
@@ -32,7 +33,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 REFRESH_FIX = "rerun with --refresh_cache (or delete {folder}) to extract this part again"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store entry is unusable (a corrupt shard, a folder that holds another entry)."""
 
 

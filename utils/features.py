@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from utils.distributed import DistContext, gather_objects, interrupted
+from utils.distributed import DistContext, gather_objects
 from utils.log import Throughput, progress
-from utils.preemption import ignore_stop_signals
+from utils.preemption import ignore_stop_signals, interrupted
 from utils.runtime import autocast, release_freed_memory
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -74,8 +74,7 @@ def embedded_batches(embed: EmbedFn, loader: DataLoader, ctx: DistContext, amp: 
         interrupted()  # a Ctrl-C swallowed by a finaliser (a loader worker's shutdown) still stops the extraction
         if batch % TRIM_EVERY == 0:
             release_freed_memory()
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix({f"{unit}_s": f"{meter.rate:.1f}"})
+        bar.set_postfix({f"{unit}_s": f"{meter.rate:.1f}"}, refresh=False)
         yield out.float(), rest
 
 

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from utils.errors import UserError
+
 
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (best effort: not every file system allows opening a folder)."""
@@ -38,7 +40,7 @@ def _umask() -> int:
     return mask
 
 
-class OutputError(OSError):
+class OutputError(UserError, OSError):
     """An output file could not be written (disk full, permissions); the previous version, if any, is intact."""
 
 

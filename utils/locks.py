@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.errors import UserError
+
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed heartbeats
 
 
-class LockHeld(RuntimeError):
+class LockHeld(UserError, RuntimeError):
     """The folder is locked by a live writer; the message names it."""
 
 
@@ -147,5 +149,5 @@ def lock_for_job(folder: str | os.PathLike, what: str, is_main: bool) -> FolderL
             refusal = str(exc)
     refusal = broadcast_object(refusal)
     if refusal is not None:
-        raise SystemExit(refusal)
+        raise LockHeld(refusal)  # on every rank, so that all end with the same line
     return lock

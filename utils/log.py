@@ -26,6 +26,8 @@ def get_logger() -> logging.Logger:
 def setup_logging(is_main: bool, log_file: str | os.PathLike | None = None) -> logging.Logger:
     """Rank 0 logs INFO to stdout (and ``log_file``); other ranks log warnings only."""
     logger = get_logger()
+    for handler in logger.handlers:  # a previous run in this process (the Python API, tests): its log file closed
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -39,6 +41,15 @@ def setup_logging(is_main: bool, log_file: str | os.PathLike | None = None) -> l
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+def close_logging() -> None:
+    """Detach the run's console and file handlers when it ends: a later run in this process (the Python API, tests)
+    must not write into this run's log."""
+    logger = get_logger()
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
 
 
 def git_revision() -> str:
@@ -79,13 +90,26 @@ class MetricsWriter:
             raise OutputError(f"cannot append to {self.path}: {exc.strerror or exc}{gone}") from None
 
 
+class Quiet:
+    """A progress bar that shows nothing (other ranks, ``--no_progress``): it iterates and ignores the figures."""
+
+    def __init__(self, iterable: Iterable) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator:
+        return iter(self.iterable)
+
+    def set_postfix(self, *figures: Any, **named: Any) -> None:
+        pass
+
+
 def progress(iterable: Iterable, enabled: bool, total: int | None = None, desc: str = "",
-             unit: str = "it") -> Iterator:
-    """A tqdm bar on rank 0 (when enabled), the bare iterable elsewhere."""
+             unit: str = "it") -> tqdm | Quiet:
+    """A tqdm bar on rank 0 (when enabled), a ``Quiet`` one elsewhere; both take ``set_postfix(**figures)`` (the
+    live figures a bar shows after its rate: loss, lr, images/s)."""
     if not enabled:
-        return iter(iterable)
-    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                     mininterval=1.0))
+        return Quiet(iterable)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
 
 class Throughput:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from utils.errors import UsageError
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -82,9 +84,9 @@ CUBLAS_DETERMINISTIC = ":4096:8"  # the workspace setting cuBLAS needs for repro
 def check_amp(amp: str, device: torch.device) -> None:
     """Fail early (before models are built) on an ``--amp`` the device cannot run."""
     if amp in ("fp16", "tf32") and device.type != "cuda":
-        raise SystemExit(f"--amp {amp} needs a GPU; use --amp none or bf16 on CPU.")
+        raise UsageError(f"--amp {amp} needs a GPU; use --amp none or bf16 on CPU.")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise SystemExit(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support (it needs "
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support (it needs "
                          "compute capability 8.0, Ampere, or newer); use --amp fp16.")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.config import ConfigError, load_yaml
+from utils.errors import UserError
 from utils.files import files_exist, read_text
 
 # Keys of the paper's svd.yaml that this code reads; the others (all_video_id, groundtruth, video_root_paths,
@@ -29,7 +30,7 @@ USED_KEYS = ("query_id", "labeled_id", "unlabeled_id", "train_groundtruth", "tes
 GroundTruth = dict[str, dict[str, int]]
 
 
-class SVDMetaError(ValueError):
+class SVDMetaError(UserError, ValueError):
     """The SVD metadata (yaml or one of the files it names) is missing or malformed."""
 
 

@@ -24,6 +24,7 @@ from models.teachers.solar import RESNET101_SOLAR
 from models.teachers.spec import TeacherSpec, random_tensor
 from models.teachers.ssl import BARLOWTWINS, MOCOV3
 from utils.checkpoint import CheckpointError, check_state_dict, load_file, save_atomic
+from utils.errors import UsageError
 
 __all__ = ["TEACHERS", "TEACHER_FILES", "TeacherSpec", "build_teacher", "teacher_from_checkpoint",
            "published_checkpoint", "write_published_layout"]
@@ -38,6 +39,14 @@ TEACHERS: dict[str, TeacherSpec] = {
     "barlowtwins": BARLOWTWINS,
 }
 TEACHER_FILES: dict[str, str] = {name: spec.file for name, spec in TEACHERS.items()}
+
+
+def check_embed_dim(name: str, embed_dim: int) -> None:
+    """A PCA-whitening can only reduce a teacher's descriptor: ``--embed_dim`` at most its size."""
+    dim = _spec(name).descriptor_dim
+    if embed_dim > dim:
+        raise UsageError(f"--embed_dim {embed_dim} is larger than the {dim}-d descriptor of teacher {name}; a "
+                         "PCA-whitening can only reduce it")
 
 
 def _spec(name: str) -> TeacherSpec:
