@@ -321,8 +321,8 @@ class Trainer:
                 where = (f"resume from the last good checkpoint with -r {last}" if last.is_file() else
                          "no checkpoint was written yet: check the inputs (teacher and PCA files) first")
                 raise UserError(f"the loss became {value} at epoch {epoch + 1}, iteration {it + 1}: training "
-                                 f"diverged, or an input holds NaN. Try a lower --lr, --amp none (or bf16 instead of "
-                                 f"fp16); {where}.")
+                                f"diverged, or an input holds NaN. Try a lower --lr, --amp none (or bf16 instead of "
+                                f"fp16); {where}.")
             n_images = 2 * x1.shape[0] * ctx.world_size
             epoch_meter.update(n_images)
             window_meter.update(n_images)

@@ -229,8 +229,8 @@ class PartExtractor:
             row_items = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor(rows))
             item = start + int(row_items[int((~finite).nonzero()[0])])
             raise UserError(f"{self.label} gave non-finite descriptors (NaN or inf) for {part.name}, e.g. item "
-                             f"{part.names[item]}: its weights hold NaN/inf (check the -r/-t file)"
-                             + (" or --amp overflowed (run with --amp none)" if self.how.amp == "fp16" else ""))
+                            f"{part.names[item]}: its weights hold NaN/inf (check the -r/-t file)"
+                            + (" or --amp overflowed (run with --amp none)" if self.how.amp == "fp16" else ""))
         lens = torch.tensor(rows, dtype=torch.long, device=feats.device) if part.several_rows else None
         extras = {name: torch.cat([p[1 + k] for p in pieces]) for k, name in enumerate(part.extras)}
         if entry is not None:

@@ -82,7 +82,7 @@ def learn_pca(params: PCAParams, dataset: Dataset, ctx: DistContext) -> Path | N
         raise RuntimeError(f"PCA learning embedded {int(moments.count)} images, expected {n}")
     if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.gram).all()):
         raise UserError(f"teacher {teacher_name} produced non-finite features; check its weight file"
-                         + (" or run without --amp" if params.amp != "none" else ""))
+                        + (" or run without --amp" if params.amp != "none" else ""))
 
     written = None
     if ctx.is_main:

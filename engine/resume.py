@@ -121,7 +121,7 @@ def check_run_dir(params: TrainParams) -> None:
     epoch = int(ckpt["epoch"])
     if epoch > params.epochs:
         raise UserError(f"-r/--resume {path} has already trained {epoch} epochs, more than --epochs "
-                         f"{params.epochs}; pass --epochs {epoch} or more.")
+                        f"{params.epochs}; pass --epochs {epoch} or more.")
     if epoch == params.epochs:
         print(f"{path} has already trained all {epoch} epochs: nothing to do (raise --epochs to train longer).",
               flush=True)

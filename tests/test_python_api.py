@@ -12,7 +12,9 @@ from datasets.toy import make_toy_revisitop
 from engine.params import GLDTrainParams, ImageEvalParams, PCAParams
 from engine.run import run
 from utils.checkpoint import load_file
+from utils.config import load_yaml
 from utils.errors import UsageError, UserError
+from utils.flags import declared_fields, protocol_values
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +49,25 @@ def test_a_training_run_and_an_evaluation_from_python_equal_the_scripts(tmp_path
                             "--no_progress", "--output_json", str(tmp_path / "cli.json")])
     assert records[0]["map"] == json.loads((tmp_path / "cli.json").read_text())["map"]
     assert set(records[0]["map"]) == {"E", "M", "H"}
+
+
+def test_config_and_protocol_records_follow_the_declarations(tmp_path):
+    """config.yaml holds the flags declared for it (and the weight files' hashes), the checkpoint every flag, the
+    JSON protocol every flag declared for it, under its recorded name."""
+    params = training(tmp_path / "run")
+    run(params)
+    config = load_yaml(tmp_path / "run" / "config.yaml")
+    declared = {field.name: spec for field, spec in declared_fields(GLDTrainParams)}
+    assert set(config) == {name for name, spec in declared.items() if spec.config} | {"weight_sha256"}
+    assert "overwrite" not in config  # declared config=False: a config reused as a command never deletes a run
+    saved = load_file(tmp_path / "run" / "checkpoint_last.pt")["args"]
+    assert set(declared) <= set(saved) and saved["teachers"] == list(CHEAP_TEACHERS)
+    make_toy_revisitop(tmp_path / "data", "roxford5k", n_queries=3, n_db=12, size=40, seed=2)
+    evaluation = ImageEvalParams(arch="resnet18", resume=str(tmp_path / "run" / "checkpoint_last.pt"),
+                                 data_path=str(tmp_path / "data"), num_workers=0, no_progress=True, imsize=32)
+    protocol = run(evaluation)[0]["protocol"]
+    assert protocol_values(evaluation).items() <= protocol.items()
+    assert protocol["gem_p"] == 3.0 and protocol["imsize"] == 32  # -p is recorded under its paper name
 
 
 @pytest.mark.parametrize("bad", [
