@@ -22,8 +22,8 @@ from datasets.gld import GLDPairDataset
 from datasets.sampler import SeededItems
 from datasets.transforms import GLDView, gld_train_transform, svd_augment, svd_distill_views
 from engine.distill import build_teachers, check_weight_files
-from engine.params import GLDTrainParams
-from engine.training_data import build_gld_data
+from engine.params import GLDTrainParams, SVDTrainParams
+from engine.training_data import build_gld_data, build_svd_data
 from utils.checkpoint import load_file
 from utils.distributed import DistContext
 from utils.flags import declared_fields
@@ -319,6 +319,67 @@ def test_the_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp_pat
         np.testing.assert_array_equal(values[file], array, err_msg=file)
     for name in keyed:  # everything in the key does
         _, values = built(name, perturbations[name])
+        assert values.keys() != base_values.keys() or any(
+            values[f].shape != a.shape or not np.array_equal(values[f], a) for f, a in base_values.items()), name
+
+
+def svd_cache_args(cache_dir, meta, **overrides):
+    values = dict(teachers=list(CHEAP_TEACHERS), path_to_pretrained_weights=str(weights_dir()),
+                  ckpt_dir=str(Path(cache_dir) / "run"), dataset_meta=str(meta), crop_size=SIZE,
+                  teacher_cache=str(cache_dir), teacher_views=VIEWS, num_workers=0, no_progress=True, batch_size=2)
+    params = SVDTrainParams(**{**values, **overrides})
+    params.weight_sha256 = check_weight_files(params)
+    return params
+
+
+def make_svd_cache(params):
+    data = build_svd_data(params, DistContext())
+    return tc.TeacherCache(params, len(data.dataset), data.fingerprint, data.load_item, data.views)
+
+
+def test_the_svd_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp_path, perturbations):
+    """The same for SVD frames (two view distributions): its own flags (-dm: where the frames are read, the crop size,
+    the temperatures) and the shared ones."""
+    import yaml
+
+    from datasets.toy import make_toy_svd
+
+    make_toy_svd(tmp_path / "svd", n_queries=1, n_train_queries=2, positives=1, negatives=1, n_unlabeled=1,
+                 frames=(2, 3), size=40, seed=4)
+    meta = tmp_path / "svd" / "svd.yaml"
+    shutil.copytree(tmp_path / "svd" / "frames", tmp_path / "other_frames")
+    for image in (tmp_path / "other_frames").rglob("*.jpg"):  # the same frames' names, other pixels
+        with Image.open(image) as img:
+            ImageOps.invert(img.convert("RGB")).save(image)
+    other_meta = tmp_path / "other.yaml"
+    config = yaml.safe_load(meta.read_text())
+    other_meta.write_text(yaml.safe_dump({**config, "frame_root_path": str(tmp_path / "other_frames")}))
+    shared = {k: v for k, v in perturbations.items() if k not in ("gld_root_path", "gld_csv", "imsize", "tt", "st")}
+    svd_only = {"dataset_meta": {"dataset_meta": str(other_meta)}, "crop_size": {"crop_size": SIZE + 8},
+                "t": {"t": 0.1}, "st": {"st": 0.1}, "tt": {"tt": 0.1}, "warmup_epochs": {"warmup_epochs": 1},
+                "p": {"p": 3.0}}
+    probes = {**shared, **svd_only}
+    assert {field.name for field, _ in declared_fields(SVDTrainParams)} == set(probes)
+
+    def built(name, changes):
+        params = svd_cache_args(tmp_path / name, meta, **changes)
+        cache = make_svd_cache(params)
+        with torch_threads(1):
+            cache.build(build_teachers(params), DistContext())
+        return stored(cache)
+
+    def key(changes):
+        return [entry.key for entry in make_svd_cache(svd_cache_args(tmp_path / "keys", meta, **changes)).entries()]
+
+    base_key, base_values = key({}), built("base", {})
+    keyed = [name for name, changes in probes.items() if key(changes) != base_key]
+    assert "dataset_meta" in keyed and "crop_size" in keyed
+    values = built("free", {k: v for name, changes in probes.items() if name not in keyed for k, v in changes.items()})
+    assert values.keys() == base_values.keys()
+    for file, array in base_values.items():
+        np.testing.assert_array_equal(values[file], array, err_msg=file)
+    for name in keyed:
+        values = built(name, probes[name])
         assert values.keys() != base_values.keys() or any(
             values[f].shape != a.shape or not np.array_equal(values[f], a) for f, a in base_values.items()), name
 
