@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from utils.runtime import python_rng_state, seeded_host_rngs, set_python_rng_state
+from utils.runtime import mixed_seed, python_rng_state, seeded_host_rngs, set_python_rng_state
 
 MIN_BATCH = 2  # pairs (or frames) per process and batch
 
@@ -91,9 +91,8 @@ class ShardedEpochSampler(Sampler[list[int]]):
 
 
 def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The augmentation seed of the ``position``-th item a rank loads in an epoch (the one rule that mixes four
-    numbers into a seed: the teacher cache seeds its stored views with it too)."""
-    return (((seed * 1_000_003 + epoch) * 10_007 + rank) * 4_000_037 + position) % (2**63)
+    """The augmentation seed of the ``position``-th item a rank loads in an epoch."""
+    return mixed_seed(seed, epoch, rank, position, factors=(1_000_003, 10_007, 4_000_037))
 
 
 class SeededBatches:

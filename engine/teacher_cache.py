@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datasets.sampler import item_seed
 from datasets.transforms import ReplayableView
 from engine.features import Extraction, Part, PartExtractor
 from models.distill_model import WhitenedTeachers
@@ -31,7 +30,7 @@ from utils.feature_store import StoreEntry
 from utils.flags import role_values
 from utils.log import get_logger
 from utils.preemption import StopRequest
-from utils.runtime import seeded_host_rngs
+from utils.runtime import mixed_seed, seeded_host_rngs
 
 CACHE_SHARD = 1024  # items per shard
 VIEWS_PER_BATCH = 64  # views embedded per teacher batch
@@ -39,9 +38,9 @@ OPEN_SHARDS = 64  # memory-mapped shards kept open per process and chain
 
 
 def view_seed(seed: int, chain: int, item: int, view: int) -> int:
-    """The seed of an item's ``view``-th stored view of a view distribution (``chain``): the sampler's item seed of
-    those four numbers, so both draw from one seeding rule."""
-    return item_seed(seed, chain, item, view)
+    """The seed of an item's ``view``-th stored view of a view distribution (``chain``), by the rule the sampler's
+    item seeds use (``mixed_seed``) with factors of its own."""
+    return mixed_seed(seed, chain, item, view, factors=(1_000_003, 10_000_019, 1_009))
 
 
 def drawn_view(view: ReplayableView, img: Any, seed: int) -> tuple[list[float], torch.Tensor]:
@@ -91,7 +90,6 @@ class TeacherCache:
     def part(self, chain: int) -> Part:
         view = self.chains[chain]
         protocol = {"teacher views": self.views, "view": type(view).__name__, "size": view.size, "chain": chain,
-                    "view seeds": "item_seed",  # the seeding rule of the views (caches of the older rule differ)
                     **{k: getattr(view, k) for k in ("blur_p", "solarize_p") if hasattr(view, k)}}
         dataset = ViewsToEmbed(self.load, self.n_items, view, chain, self.views, self.seed)
         return Part(f"teacher views {chain + 1}/{len(self.chains)}", dataset, range(self.n_items), protocol,

@@ -40,6 +40,15 @@ def seeded_host_rngs(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
+def mixed_seed(*parts: int, factors: tuple[int, ...]) -> int:
+    """One 63-bit seed from several integers: ``((p0 * f0 + p1) * f1 + p2) ...``, the one rule behind the item seeds
+    of training and the teacher cache's view seeds (each with its own factors, which fix their streams)."""
+    value = parts[0]
+    for part, factor in zip(parts[1:], factors, strict=True):
+        value = value * factor + part
+    return value % (2**63)
+
+
 def python_rng_state(rng: random.Random | Any = random) -> list[Any]:
     """The state of a ``random.Random`` (default: the ``random`` module's) in plain types, which a checkpoint
     loads with ``weights_only=True``."""
