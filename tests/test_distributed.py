@@ -262,6 +262,37 @@ def test_spawned_workers_user_error_ends_with_its_line_and_code(capfd):
     assert error_line(err).endswith("error: bad file /data/x.jpg (rank 1)"), err  # the worker's own message, intact
 
 
+def _record_threads(args, ctx):
+    (args.out / f"rank{ctx.rank}.txt").write_text(f"{torch.get_num_threads()}\n{ctx.launch}")
+
+
+@pytest.mark.slow
+def test_spawned_cpu_ranks_share_the_cores(tmp_path, monkeypatch):
+    """Two CPU ranks spawned on this node's cores compute with half of them each (more threads than cores spin
+    against each other's), and the run's launch line says so."""
+    from utils.launch import _spawn
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores))  # each rank would start with every core
+    _spawn(WORLD, (_record_threads, argparse.Namespace(out=tmp_path), False, f"tcp://127.0.0.1:{free_port()}", 0,
+                   WORLD, "launch: one node", WORLD))
+    for rank in range(WORLD):
+        threads, launch = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert int(threads) == max(1, cores // WORLD)
+        assert launch.startswith("launch: one node") and f"{threads} CPU thread" in launch
+
+
+@pytest.mark.parametrize("threads, cores, processes, expected", [(4, 4, 2, 2), (2, 2, 3, 1), (2, 8, 2, 2),
+                                                                 (3, 8, 1, 3)])
+def test_a_cpu_rank_takes_its_share_of_the_cores_and_never_more_threads(monkeypatch, threads, cores, processes,
+                                                                       expected):
+    from utils.runtime import share_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    with torch_threads(threads):
+        assert share_cpu_threads(processes) == expected == torch.get_num_threads()
+
+
 def test_a_one_pixel_image_survives_the_multiscale_descriptor():
     """At scale 1/2 a 1-pixel side vanished (an error); every image of a usual size is resized as before."""
     import torch.nn.functional as F

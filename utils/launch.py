@@ -32,7 +32,7 @@ from utils.distributed import DistContext
 from utils.errors import UsageError, UserError
 from utils.log import close_logging
 from utils.preemption import EXIT_INTERRUPTED, script_name, signal_exits
-from utils.runtime import check_amp
+from utils.runtime import check_amp, share_cpu_threads
 
 
 def free_port() -> int:
@@ -119,6 +119,11 @@ class LaunchPlan:
     world_size: int
     dist_url: str
     local_rank: int = 0  # the device index of this process, when it is one rank started by a launcher
+
+    @property
+    def processes_here(self) -> int:
+        """How many processes of this launch share this node's cores: the ones spawned here, or torchrun's."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.mode == "torchrun" else self.n_local
 
     @property
     def first_rank(self) -> int:
@@ -211,7 +216,8 @@ def plan_launch(args: argparse.Namespace, use_cuda: bool, env: dict[str, str] | 
 def _launch(main_worker: Callable, args: argparse.Namespace) -> Any:
     use_cuda = _use_cuda(args)
     plan = plan_launch(args, use_cuda)
-    worker_args = (main_worker, args, use_cuda, plan.dist_url, plan.rank_offset, plan.world_size, plan.describe())
+    worker_args = (main_worker, args, use_cuda, plan.dist_url, plan.rank_offset, plan.world_size, plan.describe(),
+                   plan.processes_here)
     if plan.n_local == 1:
         return _worker(plan.local_rank, *worker_args)
     _spawn(plan.n_local, worker_args, plan.rank_offset)
@@ -252,10 +258,12 @@ def _spawn(nprocs: int, worker_args: tuple, rank_offset: int = 0) -> None:
 
 
 def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, use_cuda: bool, dist_url: str,
-            rank_offset: int, world_size: int, launch: str = "") -> Any:
+            rank_offset: int, world_size: int, launch: str = "", processes_here: int = 1) -> Any:
     with signal_exits(speak=local_rank == 0), one_line_errors():
         ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
         ctx.launch = launch or ctx.launch
+        if not use_cuda and processes_here > 1:
+            ctx.launch += f", {share_cpu_threads(processes_here)} CPU thread(s) in each of {processes_here} processes"
         try:
             return main_worker(args, ctx)
         finally:

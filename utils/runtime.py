@@ -150,6 +150,20 @@ def channels_last(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
+def share_cpu_threads(processes: int) -> int:
+    """Limit this process's intra-op threads to its share of the cores when ``processes`` CPU processes of this
+    node share them (ranks spawned here or by torchrun); never raises the count. Returns the count in use.
+
+    More threads than cores leave OpenMP threads spinning on cores that another rank's threads wait for: two gloo
+    ranks with two threads each on two cores trained 15-20x slower than with one thread each (measured on
+    tools/gpu_check.py's two-rank svd_distill.py step: 1.0 against 20 images/s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(torch.get_num_threads(), max(1, cores // processes))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 @functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (for its allocator's calls), else None (macOS, musl)."""
