@@ -233,6 +233,12 @@ class Trainer:
             save_atomic(ckpt, ckpt_dir / LAST_CHECKPOINT)
         barrier()
 
+    def saves_after(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` (0-based) writes checkpoint_last.pt when no stop was requested: every
+        ``--save_every`` epochs, at each snapshot and at the last epoch."""
+        done = epoch + 1
+        return done % self.params.save_every == 0 or done % self.params.snapshot_step == 0 or done == self.params.epochs
+
     def resume(self, ckpt: dict[str, Any], path: Path) -> tuple[int, EpochProgress]:
         """Restore everything from ``ckpt`` (read from ``path``); returns the epoch (0-based) to start from and where
         in it (``EpochProgress.iteration`` > 0 for a checkpoint written in the middle of an epoch)."""
@@ -474,11 +480,13 @@ def _train(params: TrainParams, ctx: DistContext) -> Trainer:
                     start = time.perf_counter()
                     record = trainer.train_epoch(epoch, progress if epoch == start_epoch else None)
                     record["seconds"] = time.perf_counter() - start
-                    trainer.save(epoch)
+                    stopping = epoch + 1 < params.epochs and stop.agreed(ctx)
+                    if stopping or trainer.saves_after(epoch):
+                        trainer.save(epoch)
                     trainer.metrics.write(record)
                     logger.info("epoch %d/%d done: loss %.5f, %.1f img/s, %.0f s, wins %s", epoch + 1, params.epochs,
                                 record["loss"], record["images_per_s"], record["seconds"], record["pos_win_share"])
-                    if epoch + 1 < params.epochs and stop.agreed(ctx):
+                    if stopping:
                         raise Stopped(epoch + 1, 0)
             except Stopped as where:
                 logger.warning("stopped on signal %s after %s: %s holds the run; resume with -r auto",

@@ -221,6 +221,11 @@ class TrainParams(LaunchParams):
              "(positives) and the smallest off it")
     snapshot_step: int = flag("--snapshot_step", type=positive_int, default=10, group="training", resume=FREE,
                               help="also write checkpoint_{epoch}.pt every N epochs")
+    save_every: int = flag("--save_every", type=positive_int, default=1, group="training", resume=FREE,
+                           help="write checkpoint_last.pt every N epochs (always at a snapshot, the last epoch and a "
+                                "stop signal). Raise it when epochs take seconds (SVD's thousands of short epochs, "
+                                "the demo): each write holds the student and Adam's state (135 MB for ResNet18), "
+                                "and a crash loses up to N-1 epochs")
     log_every: int = flag("--log_every", type=nonnegative_int, default=0, group="training", resume=FREE,
                           help="iterations between log and metrics lines (0: 16 per epoch, as the paper)")
     teacher_cache: str | None = flag(

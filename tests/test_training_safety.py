@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,43 @@ def test_resuming_a_finished_run_has_nothing_to_do(finished):
     assert snapshot_bytes(finished) == before
     res = run_main(*distill_cmd(finished, "--snapshot_step", 1, "-r", "auto", "--epochs", 1))
     one_line_failure(res, "--epochs 1", "--epochs 2")  # the flag as given, and the value that resumes
+
+
+def test_save_every_writes_checkpoint_last_every_n_epochs_the_last_one_and_at_a_stop(tmp_path, monkeypatch):
+    """--save_every 2 over 3 epochs: checkpoint_last.pt after epochs 2 and 3 only. With --save_every 5, a stop
+    signal at the end of epoch 1 still saves it (exit 75), and -r auto ends on the same weights."""
+    import engine.distill
+
+    written, save = [], engine.distill.save_atomic
+    monkeypatch.setattr(engine.distill, "save_atomic", lambda ckpt, path: (written.append((Path(path).name,
+                                                                                             ckpt["epoch"])),
+                                                                          save(ckpt, path)))
+    flags = ("--epochs", 3, "--snapshot_step", 10)
+    res = run_main(*distill_cmd(tmp_path / "every2", *flags, "--save_every", 2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert written == [("checkpoint_last.pt", 2), ("checkpoint_last.pt", 3)]
+
+    train_epoch = engine.distill.Trainer.train_epoch
+
+    def stop_after_the_first_epoch(trainer, epoch, progress=None):
+        record = train_epoch(trainer, epoch, progress)
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # noted by the run's StopRequest, as a cluster's stop
+        return record
+
+    written.clear()
+    monkeypatch.setattr(engine.distill.Trainer, "train_epoch", stop_after_the_first_epoch)
+    stopped = tmp_path / "stopped"
+    res = run_main(*distill_cmd(stopped, *flags, "--save_every", 5))
+    assert res.returncode == 75, res.stderr[-3000:]
+    assert written == [("checkpoint_last.pt", 1)]
+    monkeypatch.setattr(engine.distill.Trainer, "train_epoch", train_epoch)
+    res = run_main(*distill_cmd(stopped, *flags, "--save_every", 5, "-r", "auto"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert written[-1] == ("checkpoint_last.pt", 3) and len(written) == 2
+    a, b = (load_file(run / "checkpoint_last.pt")["state_dict"] for run in (tmp_path / "every2", stopped))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_kill_between_the_two_checkpoint_writes_loses_no_snapshot(finished, tmp_path):

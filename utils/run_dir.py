@@ -1,7 +1,7 @@
 """A training run's folder (``-c/--ckpt_dir``): which files make a run, which checkpoint to resume, and a metrics
 file that stays consistent with the state a run resumes from.
 
-Files: ``config.yaml``, ``log.log``, ``metrics.jsonl``, ``checkpoint_last.pt`` (every epoch) and
+Files: ``config.yaml``, ``log.log``, ``metrics.jsonl``, ``checkpoint_last.pt`` (every ``--save_every`` epochs) and
 ``checkpoint_{epoch}.pt`` (every ``--snapshot_step`` epochs). A snapshot is written before ``checkpoint_last.pt``,
 so a kill between the two leaves the newer state in the snapshot, and ``-r auto`` resumes from the newest of them.
 """
