@@ -46,10 +46,10 @@ from utils.distributed import DistContext, barrier, broadcast_object, gather_obj
 from utils.errors import UsageError, UserError
 from utils.files import sha256_file
 from utils.locks import lock_for_job
-from utils.log import MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
+from utils.log import FILE_ONLY, MetricsWriter, Throughput, get_logger, log_run_header, setup_logging
 from utils.log import progress as progress_bar
 from utils.preemption import StopRequest, ignore_stop_signals, interrupted
-from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, snapshot_name
+from utils.run_dir import LAST_CHECKPOINT, LOG_FILE, METRICS_FILE, TENSORBOARD_DIR, snapshot_name
 from utils.runtime import autocast, configure_backends, rng_state, seed_everything, set_rng_state
 
 PREFETCH_BATCHES = 4  # per loader worker: enough to ride out a slow JPEG decode without holding much memory
@@ -307,7 +307,8 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, progress: EpochProgress, batches: Any, n_iters: int) -> dict[str, Any]:
         params, ctx = self.params, self.ctx
-        log_every = params.log_every if params.log_every > 0 else max(1, n_iters // 16)
+        log_every = params.log_every or max(1, n_iters // 16)
+        shown = {} if params.log_every is not None else FILE_ONLY  # iteration lines on the console when asked
         epoch_meter, window_meter = Throughput(), Throughput()
         window_loss, window_n = 0.0, 0
         if progress.wins_at_start is None:
@@ -343,7 +344,8 @@ class Trainer:
                           "pos_win_share": self.pos_win_shares_since(window_wins)}
                 self.metrics.write(record)
                 get_logger().info("epoch %d iter %d/%d loss %.5f lr %.3e %.1f img/s wins %s", epoch + 1, it + 1,
-                                  n_iters, record["loss"], lr, record["images_per_s"], record["pos_win_share"])
+                                  n_iters, record["loss"], lr, record["images_per_s"], record["pos_win_share"],
+                                  extra=shown)
                 window_loss, window_n = 0.0, 0
                 window_wins = self.pos_win_count.tolist()
                 window_meter.reset()
@@ -443,7 +445,6 @@ def _train(params: TrainParams, ctx: DistContext) -> Trainer:
         logger.info(note)
     if params.resume == "auto" and resume_from is None:
         logger.info("-r auto: no checkpoint in %s yet, starting from scratch", ckpt_dir)
-    logger.info("world size %d, device %s", ctx.world_size, ctx.device)
     seed_everything(params.seed)  # identical initialisation on every rank
     data = TRAINING_DATA[params.dataset_name][1](params, ctx)
     configure_backends(ctx.device, params.amp, params.deterministic, fixed_input_size=True)
@@ -461,7 +462,8 @@ def _train(params: TrainParams, ctx: DistContext) -> Trainer:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * n_iters, eta_min=1e-6)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=params.amp == "fp16")
     trainer = Trainer(params, ctx, model, student, criterion, data, loader, batches, optimizer, scheduler, scaler,
-                      MetricsWriter(ckpt_dir / METRICS_FILE if ctx.is_main else None))
+                      MetricsWriter(ckpt_dir / METRICS_FILE if ctx.is_main else None,
+                                    ckpt_dir / TENSORBOARD_DIR if ctx.is_main and params.tensorboard else None))
     seed_everything(params.seed + ctx.rank)  # per-rank stream for the random fusion strategies
     start_epoch, progress = params.start_epoch, EpochProgress()
     if ckpt is not None:
@@ -494,4 +496,5 @@ def _train(params: TrainParams, ctx: DistContext) -> Trainer:
                 stop.exit_preempted()
     finally:
         trainer.stop_workers()
+        trainer.metrics.close()
     return trainer

@@ -31,6 +31,7 @@ from utils.files import fingerprint, write_json
 from utils.flags import protocol_values, role_values
 from utils.log import get_logger
 from utils.runtime import configure_backends
+from utils.tensorboard import write_evaluation
 
 
 def require_images(images: ImageList, what: str) -> None:
@@ -169,5 +170,9 @@ def evaluate_images(params: ImageEvalParams, ctx: DistContext) -> list[dict]:
     if ctx.is_main and params.output_json:
         write_json(params.output_json, records[0] if len(records) == 1 else records)
         logger.info("results written to %s", params.output_json)
+    if ctx.is_main and params.tensorboard:
+        write_evaluation(params.tensorboard, embedder.epoch,
+                         {f"{r['dataset']}{'+1m' if params.plus1m else ''}/mAP_{mode}": r["map"][mode]
+                          for r in records for mode in r["map"]})
     barrier()
     return records

@@ -47,6 +47,7 @@ from utils.files import sha256_file
 from utils.flags import FREE, MAY_CHANGE, MUST_MATCH, add_flags, check_values, flag, from_namespace, redefault
 from utils.run_dir import LAST_CHECKPOINT
 from utils.runtime import AMP_CHOICES, AMP_HELP
+from utils.tensorboard import check_tensorboard
 
 WEIGHTS_DEFAULT = "/path/to/pretrained_weights"
 PAPER_SVD_TEMPERATURE = 0.05
@@ -226,8 +227,14 @@ class TrainParams(LaunchParams):
                                 "stop signal). Raise it when epochs take seconds (SVD's thousands of short epochs, "
                                 "the demo): each write holds the student and Adam's state (135 MB for ResNet18), "
                                 "and a crash loses up to N-1 epochs")
-    log_every: int = flag("--log_every", type=nonnegative_int, default=0, group="training", resume=FREE,
-                          help="iterations between log and metrics lines (0: 16 per epoch, as the paper)")
+    tensorboard: bool = flag("--tensorboard", switch=True, default=False, group="training", resume=FREE,
+                             help="also write metrics.jsonl's figures (loss, lr, images/s, each teacher's win share) "
+                                  "as TensorBoard event files in <ckpt_dir>/tensorboard, to watch a long run with "
+                                  "`tensorboard --logdir <ckpt_dir>` (needs `pip install tensorboard`)")
+    log_every: int | None = flag("--log_every", type=nonnegative_int, group="training", resume=FREE,
+                                 help="iterations between metrics records, also shown on the console (0: 16 per "
+                                      "epoch, as the paper). Default: 16 per epoch in metrics.jsonl and log.log, "
+                                      "none on the console (its progress bar shows the live loss, lr and images/s)")
     teacher_cache: str | None = flag(
         "--teacher_cache", metavar="DIR", type=output_dir, group="training", resume=MAY_CHANGE,
         help="store the teachers' embeddings of --teacher_views views per image once, then train from them without "
@@ -255,6 +262,8 @@ class TrainParams(LaunchParams):
             raise UsageError(f"-ts/--teachers lists a teacher twice: {' '.join(self.teachers)}")
         for name in self.teachers:
             check_embed_dim(name, self.embed_dim)
+        if self.tensorboard:
+            check_tensorboard()
         if self.overwrite and self.resume is not None and (
                 self.resume == "auto" or Path(self.resume).resolve().parent == Path(self.ckpt_dir).resolve()):
             raise UsageError("--overwrite with -r would delete the run it resumes; drop one of them")
@@ -424,12 +433,18 @@ class EvalParams(LaunchParams):
     num_workers: int = num_workers_flag()
     output_json: str | None = flag("--output_json", metavar="FILE", type=output_file, group="evaluation",
                                    help="write the results to this JSON file (replaced if it exists)")
+    tensorboard: str | None = flag("--tensorboard", metavar="DIR", type=output_dir, group="evaluation",
+                                   help="also write the mAPs as TensorBoard scalars into DIR (e.g. the training run's "
+                                        "<ckpt_dir>/tensorboard) at the checkpoint's epoch: evaluating each snapshot "
+                                        "draws the accuracy over training (needs `pip install tensorboard`)")
 
     def check(self) -> None:
         try:
             check_model_flags(self.arch, self.resume, self.teacher, self.pca, self.embed_dim)
         except EmbedderConfigError as exc:
             raise UsageError(str(exc)) from None
+        if self.tensorboard:
+            check_tensorboard()
 
 
 def store_flags(group: str = "evaluation") -> tuple[Any, Any, Any]:

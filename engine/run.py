@@ -12,6 +12,7 @@ the flow's result (the trainer, the PCA file, the evaluation records).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from engine.distill import preflight as training_preflight
@@ -26,27 +27,20 @@ from utils.log import log_run_header, setup_logging
 from utils.runtime import seed_everything
 
 
-def image_eval_worker(params: ImageEvalParams, ctx: DistContext) -> list[dict]:
-    setup_logging(ctx.is_main)
-    if ctx.is_main:
-        log_run_header(setup_logging(ctx.is_main), params, ctx.launch)
+def evaluation_worker(evaluate: Callable[[Any, DistContext], list[dict]], params: ImageEvalParams | VideoEvalParams,
+                      ctx: DistContext) -> list[dict]:
+    """The work of every rank of an evaluation: its log header, the seed, then ``evaluate``."""
+    log_run_header(setup_logging(ctx.is_main), params, ctx.launch)
     seed_everything(params.seed)
-    return evaluate_images(params, ctx)
-
-
-def video_eval_worker(params: VideoEvalParams, ctx: DistContext) -> list[dict]:
-    logger = setup_logging(ctx.is_main)
-    log_run_header(logger, params, ctx.launch)
-    seed_everything(params.seed)
-    return evaluate_videos(params, ctx)
+    return evaluate(params, ctx)
 
 
 # the flows: parameters class -> (the work of every rank, the checks before any work)
 FLOWS: dict[type, tuple[Callable[[Any, DistContext], Any], Callable[[Any], None] | None]] = {
     TrainParams: (train, training_preflight),
     PCAParams: (pca_worker, pca_preflight),
-    ImageEvalParams: (image_eval_worker, None),
-    VideoEvalParams: (video_eval_worker, check_frames),
+    ImageEvalParams: (partial(evaluation_worker, evaluate_images), None),  # a partial: spawned ranks pickle it
+    VideoEvalParams: (partial(evaluation_worker, evaluate_videos), check_frames),
 }
 
 

@@ -32,6 +32,7 @@ from utils.files import fingerprint, write_json
 from utils.flags import protocol_values
 from utils.log import get_logger
 from utils.runtime import configure_backends
+from utils.tensorboard import write_evaluation
 
 
 def evaluation_videos(params: VideoEvalParams) -> tuple[SVDMeta, list[str], list[str], list[str]]:
@@ -126,6 +127,9 @@ def evaluate_videos(params: VideoEvalParams, ctx: DistContext) -> list[dict]:
     if ctx.is_main and params.output_json:
         write_json(params.output_json, records[0] if len(records) == 1 else records)
         logger.info("wrote %s", params.output_json)
+    if ctx.is_main and params.tensorboard:
+        write_evaluation(params.tensorboard, embedder.epoch,
+                         {f"svd/{r['sim_fn']}/mAP_{k}": v for r in records for k, v in r["map"].items()})
     barrier()
     return records
 

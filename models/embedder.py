@@ -29,6 +29,7 @@ class Embedder:
     model: nn.Module
     post: nn.Module | None
     description: str
+    epoch: int | None = None  # a student checkpoint's completed epochs (the step of --tensorboard's scalars)
 
     def to(self, device: torch.device) -> Embedder:
         self.model.to(device)
@@ -88,7 +89,8 @@ def build_embedder(arch: str | None = None, resume: str | None = None, teacher: 
         from models.students import load_student
 
         model = load_student(resume, arch, embed_dim=embed_dim, gem_p=gem_p, trust=trust)
-        return Embedder(model.eval(), None, f"student {arch} (embed_dim {embed_dim}, GeM p={gem_p:g}) from {resume}")
+        return Embedder(model.eval(), None, f"student {arch} (embed_dim {embed_dim}, GeM p={gem_p:g}) from {resume}",
+                        model.trained_epochs)
 
     from models.teachers import build_teacher
 

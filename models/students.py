@@ -181,7 +181,8 @@ def _describe_resnet_file(state: dict[str, torch.Tensor]) -> str:
 
 def load_student(path: str | os.PathLike, arch: str, embed_dim: int = 512, gem_p: float = 3.0,
                  trust: bool = False) -> nn.Module:
-    """Load a released student checkpoint or this project's training checkpoint; returns the model in eval mode."""
+    """Load a released student checkpoint or this project's training checkpoint; returns the model in eval mode, its
+    ``trained_epochs`` attribute the checkpoint's ``epoch`` (None when it has none)."""
     ckpt = load_file(path, trust=trust, what="student checkpoint")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         full_state = ckpt["state_dict"]
@@ -201,4 +202,6 @@ def load_student(path: str | os.PathLike, arch: str, embed_dim: int = 512, gem_p
     guess = _describe_resnet_file(state)
     load_state_strict(student, state, f"student checkpoint {path} does not match -a {arch} --embed_dim {embed_dim}",
                       f"The file looks like {guess}." if guess else "")
+    epoch = ckpt.get("epoch") if isinstance(ckpt.get("state_dict"), dict) else None
+    student.trained_epochs = int(epoch) if isinstance(epoch, int) else None
     return student.eval()

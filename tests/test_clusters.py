@@ -213,7 +213,8 @@ def test_submit_through_submitits_local_executor_requeues_and_resumes(reference,
     import submit
 
     ckpt = tmp_path / "run"
-    argv = ["--local", "--gpus_per_node", "2", "--timeout", "30", "--job_dir", str(tmp_path / "jobs"), "--",
+    argv = ["--local", "--gpus_per_node", "0", "--tasks_per_node", "2", "--timeout", "30", "--job_dir",
+            str(tmp_path / "jobs"), "--",
             *map(str, distill(ckpt, "--device", "cpu"))]
     old_env = dict(os.environ)
     os.environ.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -231,9 +232,24 @@ def test_submit_through_submitits_local_executor_requeues_and_resumes(reference,
         os.environ.clear()
         os.environ.update(old_env)
     assert isinstance(job, submitit.local.local.LocalJob)
+    assert "1 CPU thread(s) in each of 2 processes" in (ckpt / "log.log").read_text()  # the tasks share the cores
     log = (ckpt / "log.log").read_text()
     assert "stopped on signal" in log and "resumed from" in log
     same_weights(reference, ckpt / "checkpoint_last.pt")
+
+
+def test_submit_takes_cpu_tasks_per_node_only_without_gpus(capsys):
+    pytest.importorskip("submitit")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import submit
+
+    script = ["--", "oxford_paris_eval.py", "-a", "resnet18", "-dp", str(ROOT)]
+    assert submit.parse_args(["--gpus_per_node", "0", "--tasks_per_node", "4", *script]).tasks == 4
+    assert submit.parse_args(["--gpus_per_node", "0", *script]).tasks == 1
+    assert submit.parse_args(["--gpus_per_node", "8", *script]).tasks == 8
+    with pytest.raises(SystemExit) as stop:
+        submit.parse_args(["--gpus_per_node", "8", "--tasks_per_node", "4", *script])
+    assert_exit(stop, 2, "--tasks_per_node", err=capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------- the paper's world size

@@ -243,6 +243,27 @@ def test_archives_with_nested_folders_are_laid_out_safely(tmp_path):
     assert broken.returncode == 1 and victim.name in broken.stdout and "stray.jpg" in broken.stdout
 
 
+def test_only_one_dataset_downloaded_is_laid_out_and_the_other_reported_absent(tmp_path):
+    data = tmp_path / "data"
+    make_toy_revisitop(data, "roxford5k", n_queries=2, n_db=9, size=32, seed=0)
+    originals = {p.relative_to(data): p.read_bytes() for p in data.rglob("*.jpg")}
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    with tarfile.open(archives / "oxbuild_images.tgz", "w:gz") as tar:
+        for p in (data / "roxford5k" / "jpg").iterdir():
+            tar.add(p, arcname=f"oxbuild/{p.name}")
+    shutil.rmtree(data / "roxford5k" / "jpg")
+    res = run_script("tools/prepare_revisitop.py", "-dp", data, "--extract", archives, "--no_progress")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert {p.relative_to(data): p.read_bytes() for p in data.rglob("*.jpg")} == originals
+    absent = [line for line in res.stdout.splitlines() if "rparis6k" in line]
+    assert absent and "absent" in absent[0] and "ready: roxford5k:" in res.stdout
+    named = run_script("tools/prepare_revisitop.py", "-dp", data, "-d", "roxford5k", "rparis6k", "--no_progress")
+    assert named.returncode == 1 and "gnd_rparis6k.pkl" in named.stdout  # named with -d: required, and missing
+    empty = run_script("tools/prepare_revisitop.py", "-dp", tmp_path / "empty", "--no_progress")
+    assert_user_error(empty, 1, "gnd_roxford5k.pkl", "gnd_rparis6k.pkl")
+
+
 # --------------------------------------------------------------------------------------------------- weights
 def test_weights_check_names_the_missing_and_the_wrong_file(tmp_path):
     weights = tmp_path / "w"

@@ -21,7 +21,7 @@ MIN_TEACHER_GAIN_OVER_RANDOM_STUDENT = 10.0  # seed 0: 29.6 and 28.5
 
 
 @pytest.mark.slow
-def test_demo_fast_table_complete_and_distillation_helps(tmp_path, capsys):
+def test_demo_fast_table_complete_and_distillation_helps(tmp_path, capfd):
     out = demo.main(["--fast", "--work_dir", str(tmp_path / "demo"), "--device", "cpu"])
     rows = {r["model"]: r for r in out["rows"]}
     teachers = ["teacher mocov3 + PCA", "teacher barlowtwins + PCA"]
@@ -46,7 +46,16 @@ def test_demo_fast_table_complete_and_distillation_helps(tmp_path, capsys):
         assert plot.format == "PNG" and plot.size[0] > 400
     table = (tmp_path / "demo" / "demo_results.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "student after distillation" in table
-    assert "retrieval picture:" in capsys.readouterr().out
+    console = capfd.readouterr()  # the demo's and its scripts' output, as a terminal shows it
+    lines = (console.out + console.err).count("\n")
+    assert lines <= 60, console.out + console.err  # one screen: a line per stage, the table, the paths
+    assert table.splitlines()[-1] in console.out
+    for path in (out["comparison"], out["training_plot"], out["logs"]):
+        assert path in console.out
+    logs = sorted(p.name for p in Path(out["logs"]).iterdir())  # each script's whole log is kept
+    assert logs == ["distill.log", "eval_student_after_distillation.log", "pca_learn_barlowtwins.log",
+                    "pca_learn_mocov3.log"]
+    assert "git revision" in (Path(out["logs"]) / "distill.log").read_text()
 
 
 def test_the_readme_asset_is_a_256_colour_copy_of_the_picture(tmp_path):

@@ -208,6 +208,7 @@ def launch_perturbations(tmp_path):
             "amp": {"amp": "bf16"}, "no_progress": {"no_progress": False},
             "trust_checkpoint": {"trust_checkpoint": True}, "num_workers": {"num_workers": 1},
             "output_json": {"output_json": str(tmp_path / "out.json")}, "p": {"p": 1.0},
+            "tensorboard": {"tensorboard": str(tmp_path / "tb")},
             "feature_cache": {"feature_cache": str(tmp_path / "elsewhere")},
             "cache_dtype": {"cache_dtype": "float16"}, "refresh_cache": {"refresh_cache": True}}
 

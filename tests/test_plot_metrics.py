@@ -41,6 +41,30 @@ def test_the_plot_draws_every_iteration_record(tmp_path):
     assert series["wins"] == {"barlowtwins": [0.75, None, 0.0, 0.5], "mocov3": [0.25, None, 1.0, 0.5]}
 
 
+def test_the_smoothed_loss_is_the_debiased_moving_average():
+    from utils.training_plot import smoothed
+
+    assert smoothed([3.0] * 7, 4) == pytest.approx([3.0] * 7)  # a constant stays itself from the first value on
+    w = 0.75  # window 4: each value weighs 1/4, the average before it 3/4; debiased by 1 - w^n
+    expected = [1.0, (w * 0.25 * 1 + 0.25 * 5) / (1 - w ** 2)]
+    assert smoothed([1.0, 5.0], 4) == pytest.approx(expected)
+    assert smoothed([2.0, 8.0], 1) == [2.0, 8.0]  # a window of one value: the raw values
+
+
+@pytest.mark.parametrize("epochs, marks", [(4, "lines"), (200, "axis")])
+def test_many_epochs_get_an_epoch_axis_instead_of_a_line_each(tmp_path, epochs, marks):
+    from utils.training_plot import plot_training_metrics
+
+    records = []
+    for e in range(1, epochs + 1):
+        records += [iter_record(3 * e - 2, None), iter_record(3 * e, None),
+                    {"type": "epoch", "epoch": e, "iteration": 3 * e, "loss": 1.0}]
+    series = plot_training_metrics(records, tmp_path / "plot.png")
+    assert series["epoch_marks"] == marks and len(series["loss_smoothed"]) == 2 * epochs
+    with Image.open(tmp_path / "plot.png") as img:
+        assert img.format == "PNG"
+
+
 def test_strategies_without_wins_and_another_output(tmp_path):
     run = tmp_path / "run"
     write_metrics(run, [iter_record(i, None) for i in (1, 2)])

@@ -284,7 +284,7 @@ def perturbations(tmp_path_factory):
         "resume": {"resume": str(csv_copy)}, "overwrite": {"overwrite": True}, "epochs": {"epochs": 3},
         "start_epoch": {"start_epoch": 1}, "lr": {"lr": 0.1}, "weight_decay": {"weight_decay": 0.0},
         "strategy": {"strategy": "mean"}, "snapshot_step": {"snapshot_step": 2},
-        "save_every": {"save_every": 2}, "log_every": {"log_every": 3},
+        "save_every": {"save_every": 2}, "log_every": {"log_every": 3}, "tensorboard": {"tensorboard": True},
         "teacher_cache": {"teacher_cache": str(root / "another_cache")}, "teacher_views": {"teacher_views": 3},
         "teacher_cache_dtype": {"teacher_cache_dtype": "float32"}, "deterministic": {"deterministic": True},
         "gld_root_path": {"gld_root_path": str(other_images)}, "gld_csv": {"gld_csv": str(csv_copy)},

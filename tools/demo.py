@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from datasets.gld import GLDPairDataset  # noqa: E402
 from datasets.oxford_paris import ImageList, RevisitedDataset, medium_label  # noqa: E402
@@ -90,10 +92,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(script: str, *flags: object) -> None:
+def run(script: str, *flags: object, log: Path, follow: Callable[[], None] | None = None) -> float:
+    """``python script flags`` with its whole output in ``log`` (the console keeps one line per stage); ``follow``
+    is called twice a second while it runs (the distillation's progress bar). Returns the seconds it took; a failure
+    shows the end of its log and ends the demo with its exit code."""
     cmd = [sys.executable, str(ROOT / script), *map(str, flags), "--no_progress"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(cmd[1:]) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if follow is not None:
+                    follow()
+    if follow is not None:
+        follow()
+    if proc.returncode != 0:
+        print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+        print(f"demo: {script} failed (exit code {proc.returncode}); its whole log: {log}", file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    return time.perf_counter() - start
+
+
+class TrainingBar:
+    """A progress bar over a training run's epochs, read from its ``metrics.jsonl`` as it grows: the loss, lr and
+    images/s of the latest iteration record."""
+
+    def __init__(self, metrics: Path, epochs: int) -> None:
+        self.metrics, self.offset = metrics, 0
+        self.bar = tqdm(total=epochs, desc="   distillation", unit="epoch", file=sys.stderr, mininterval=0.5,
+                        dynamic_ncols=True)
+
+    def __call__(self) -> None:
+        if not self.metrics.is_file():
+            return
+        with open(self.metrics) as f:
+            f.seek(self.offset)
+            lines = f.read().split("\n")
+        complete = lines[:-1]  # the last piece may be a line still being written
+        self.offset += sum(len(line) + 1 for line in complete)
+        for record in map(json.loads, complete):
+            if record["type"] == "iter":
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                     img_s=f"{record['images_per_s']:.0f}", refresh=False)
+            elif record["type"] == "epoch":
+                self.bar.update(1)
+
+    def close(self) -> None:
+        self()
+        self.bar.close()
 
 
 def model_cost(model: torch.nn.Module, imsize: int, device: torch.device) -> tuple[float, float, float]:
@@ -182,18 +234,21 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"--work_dir {work} exists and was not made by the demo; give a new or empty folder "
                             "(nothing is deleted)")
         shutil.rmtree(work)
-    gld, rev, weights, ckpt, results = (work / n for n in ("gld", "revisitop", "weights", "ckpt", "results"))
+    gld, rev, weights, ckpt, results, logs = (work / n for n in ("gld", "revisitop", "weights", "ckpt", "results",
+                                                                 "logs"))
     results.mkdir(parents=True)
     (work / DEMO_MARKER).write_text("made by tools/demo.py, which deletes and remakes this folder\n")
     n_landmarks, n_db, n_queries = 64, 60, 12
     common = ["--device", args.device, "--seed", args.seed, "--num_workers", 0, "--embed_dim", args.embed_dim]
 
-    print(f"== toy data in {work}", flush=True)
     make_toy_gld(gld, n_landmarks=n_landmarks, imgs_per_landmark=4, size=args.imsize, seed=args.seed)
     make_toy_revisitop(rev, name="roxford5k", n_queries=n_queries, n_db=n_db, size=args.imsize, seed=args.seed)
+    print(f"== toy data in {work}: {n_landmarks} landmarks x 4 photos (GLDv2 layout), a revisited Oxford of "
+          f"{n_queries} queries and {n_db} images, {args.imsize} px", flush=True)
 
-    print(f"== teachers: random ResNets trained for {args.teacher_steps} steps each on the toy landmarks, written in "
-          "the published layouts (no real weights are shipped)", flush=True)
+    print(f"== teachers: random ResNets trained for {args.teacher_steps} steps each on the toy landmarks and written "
+          "in the published layouts (no real weights are shipped), then whitened (gld_pca_learn.py, "
+          f"{args.embed_dim}-d)", flush=True)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     landmarks = GLDPairDataset(gld)
     teachers = {}
@@ -203,22 +258,30 @@ def main(argv: list[str] | None = None) -> dict:
         recipe = PretrainRecipe(steps=args.teacher_steps, augment=AUGMENTS[i % len(AUGMENTS)])
         start = time.perf_counter()
         losses = pretrain_teacher(teachers[name], landmarks, recipe, seed=args.seed + i, device=device)
-        print(f"   {name}: augment {recipe.augment}, seed {args.seed + i}, InfoNCE loss {losses[0]:.2f} -> "
-              f"{losses[-1]:.2f} in {time.perf_counter() - start:.0f} s", flush=True)
+        trained = time.perf_counter() - start
         write_published_layout(name, teachers[name], weights / TEACHER_FILES[name])
-        run("gld_pca_learn.py", "-t", name, "--gld_root_path", gld, "--path_to_pretrained_weights", weights,
-            "--imsize", args.imsize, "--num_samples", -1, "-b", 32, *common)
+        pca_s = run("gld_pca_learn.py", "-t", name, "--gld_root_path", gld, "--path_to_pretrained_weights", weights,
+                    "--imsize", args.imsize, "--num_samples", -1, "-b", 32, *common,
+                    log=logs / f"pca_learn_{name}.log")
+        print(f"   {name}: augment {recipe.augment}, seed {args.seed + i}, InfoNCE loss {losses[0]:.2f} -> "
+              f"{losses[-1]:.2f} in {trained:.0f} s; PCA learned in {pca_s:.0f} s", flush=True)
 
     torch.manual_seed(args.seed)
     student_before = build_student("resnet18", embed_dim=args.embed_dim)
     save_atomic({"state_dict": student_checkpoint_state(student_before)}, ckpt / "student_before.pt")
+    print(f"== distillation (gld_distill.py): a ResNet18 from random init learns the fused whitened teachers' "
+          f"similarities, {args.epochs} epochs on {args.distill_imsize} px crops, teachers read from their cache",
+          flush=True)
+    bar = TrainingBar(ckpt / "metrics.jsonl", args.epochs)
     run("gld_distill.py", "-a", "resnet18", "-ts", *args.teachers, "-c", ckpt, "--gld_root_path", gld,
         "--path_to_pretrained_weights", weights, "--student_init", "random", "--imsize", args.distill_imsize,
         "--epochs", args.epochs, "-b", 16, "--lr", 1e-3, "--snapshot_step", args.epochs, "--save_every", args.epochs,
         # checkpoints at the end only: a 135 MB write per epoch of 4 steps took a third of the distillation's time;
         # softer similarity targets than the paper's 0.05 suit a student from random init on 16-pair batches; the
         # teacher cache (4 views per image) makes a step about 3x cheaper on CPU
-        "-tt", 0.1, "-st", 0.1, "--teacher_cache", work / "teacher_cache", "--teacher_views", 4, *common)
+        "-tt", 0.1, "-st", 0.1, "--teacher_cache", work / "teacher_cache", "--teacher_views", 4, *common,
+        log=logs / "distill.log", follow=bar)
+    bar.close()
 
     training_plot = results / "distillation_metrics.png"
     plot_training_metrics(read_jsonl(ckpt / "metrics.jsonl"), training_plot, title="distillation (tools/demo.py)")
@@ -240,13 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
     evaluated = {label: evaluate_descriptors(ds, d) for label, d in descriptors.items()}
     in_process = {label: map_percent(result) for label, result in evaluated.items()}
     scripted = ["student after distillation"] if args.fast else list(evaluations)
+    print(f"== evaluation on the toy revisited Oxford, cropped queries (oxford_paris_eval.py: {', '.join(scripted)}"
+          f"{'; the others in-process, by the same functions' if args.fast else ''})", flush=True)
     rows = []
     for label, flags in evaluations.items():
         mAP = in_process[label]
         if label in scripted:
             out = results / ("_".join(w for w in label.split(" (")[0].split() if w != "+") + ".json")
             run("oxford_paris_eval.py", *flags, "-dp", rev, "--path_to_pretrained_weights", weights, "--imsize",
-                args.imsize, "--crop_queries", "--output_json", out, *common)
+                args.imsize, "--crop_queries", "--output_json", out, *common, log=logs / f"eval_{out.stem}.log")
             mAP = json.loads(out.read_text())["map"]
         model = teachers[teacher_labels[label]] if label in teacher_labels else student_before
         params, gflops, rate = model_cost(model, args.imsize, device)
@@ -274,21 +339,24 @@ def main(argv: list[str] | None = None) -> dict:
     pictures = sorted((results / "retrieval").glob("*.png"))
     print("\n" + text + "\n")
     gflops = {r["model"]: r["gflops"] for r in rows}
-    teacher_gflops = [gflops[label] for label in teacher_labels]
-    student_gflops = gflops["student after distillation"]
-    print(f"the teachers are trained for {args.teacher_steps} steps on toy landmarks, not the published ones: the "
-          f"table shows the method at work (a student {min(teacher_gflops) / student_gflops:.1f}x cheaper than one "
-          f"teacher, {sum(teacher_gflops) / student_gflops:.1f}x cheaper than all {len(teacher_gflops)}, learns the "
-          "fused whitened teachers' similarities), not the paper's accuracy.")
+    by_model = {r["model"]: r for r in rows}
+    best = max(teacher_labels, key=lambda label: by_model[label]["M"])
+    after, before = by_model["student after distillation"], by_model["student before (random init)"]
+    all_teachers = sum(gflops[label] for label in teacher_labels)
+    print(f"The distilled student reaches {after['M'] / by_model[best]['M']:.0%} of the best teacher's Medium mAP "
+          f"({after['M']:.1f} against {by_model[best]['M']:.1f}; {before['M']:.1f} before distillation) at "
+          f"{after['gflops'] / gflops[best]:.0%} of its cost, {after['gflops'] / all_teachers:.0%} of the "
+          f"{len(teacher_labels)} teachers' together (toy teachers trained for {args.teacher_steps} steps: the "
+          "method at work, not the paper's accuracy).")
     print(f"retrieval picture: {comparison} (queries x the teachers and the student)")
     if pictures:
         print(f"retrieval strips of the student, one per query: {pictures[0].parent}")
     if args.save_asset:
         save_asset(comparison, ROOT / "assets" / "demo_retrieval.png")
     print(f"training plot (loss, lr, teachers' win shares): {training_plot}")
-    print(f"results: {work / 'demo_results.md'}")
+    print(f"results: {work / 'demo_results.md'}; each script's whole log: {logs}")
     return {"rows": rows, "pictures": [str(p) for p in pictures], "comparison": str(comparison),
-            "training_plot": str(training_plot), "in_process_map": in_process}
+            "training_plot": str(training_plot), "in_process_map": in_process, "logs": str(logs)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Check (and lay out) revisited Oxford/Paris and the R1M distractors before evaluating on them.
 
-    python tools/prepare_revisitop.py -dp DATA [--plus1m] [--extract ARCHIVES_DIR]
+    python tools/prepare_revisitop.py -dp DATA [--plus1m] [--extract ARCHIVES_DIR] [-d roxford5k]
+
+The datasets checked are those whose ground truth is in place (one of the two is enough: the other is reported
+absent), or those ``-d`` names, each then required.
 
 Checks each dataset's ``gnd_<name>.pkl`` (read with the restricted unpickler: plain containers, numbers and numpy
 arrays only) and that every image of its ``imlist``/``qimlist`` is in ``<name>/jpg/``; with ``--plus1m`` compares
@@ -42,8 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("-dp", "--data_path", required=True, type=output_dir, metavar="DATA",
                         help="the root the evaluation reads (-dp of oxford_paris_eval.py)")
-    parser.add_argument("-d", "--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS),
-                        help="datasets to check (default both)")
+    parser.add_argument("-d", "--dataset", nargs="+", default=None, choices=list(DATASETS),
+                        help="datasets to check, each required (default: those whose gnd_<name>.pkl is in place; "
+                             "the other is reported absent)")
     parser.add_argument("--plus1m", action="store_true", help="also check the R1M distractors")
     parser.add_argument("--extract", default=None, type=existing_dir, metavar="ARCHIVES_DIR",
                         help="lay the downloaded image archives of this folder out under -dp first")
@@ -182,20 +186,40 @@ def check_r1m(data: Path) -> list[str]:
     return problems
 
 
+def gnd_path(data: Path, name: str) -> Path:
+    return data / name / f"gnd_{name}.pkl"
+
+
+def chosen_datasets(data: Path, named: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the datasets to check, those absent and not asked for): the ones ``-d`` names, else those whose ground truth
+    is in place (many download only one of the two)."""
+    if named:
+        return list(dict.fromkeys(named)), []
+    present = [name for name in DATASETS if gnd_path(data, name).is_file()]
+    if not present:
+        wanted = " and/or ".join(str(gnd_path(data, name)) for name in DATASETS)
+        raise UserError(f"no ground truth under {data}: download {wanted} (-d names the datasets to check)")
+    return present, [name for name in DATASETS if name not in present]
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     args = get_args_parser().parse_args(argv)
     data = Path(args.data_path)
+    datasets, absent = chosen_datasets(data, args.dataset)
+    for name in absent:
+        print(f"{name}: absent (no {gnd_path(data, name)}), not checked; -d {name} requires it", flush=True)
     if args.extract:
-        by_name, by_path = expected_targets(data, args.dataset, args.plus1m)
+        by_name, by_path = expected_targets(data, datasets, args.plus1m)
         extract_archives(Path(args.extract), data, by_name, by_path, not args.no_progress)
-    problems = [p for name in args.dataset for p in check_dataset(data, name)]
+    problems = [p for name in datasets for p in check_dataset(data, name)]
     if args.plus1m:
         problems += check_r1m(data)
     if problems:
         for problem in problems:
             print(f"problem: {problem}", flush=True)
         raise SystemExit(1)
-    print("ready: every ground truth reads and every image is in place", flush=True)
+    print(f"ready: {', '.join(datasets + ([DISTRACTORS] if args.plus1m else []))}: every ground truth reads and every "
+          "image is in place", flush=True)
     return problems
 
 

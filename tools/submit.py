@@ -70,6 +70,8 @@ class ScriptJob:
             return
         hosts = getattr(env, "hostnames", None) or ["127.0.0.1"]
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
+        if env.cluster == "local":  # the tasks share this machine's cores (SLURM binds its tasks' own)
+            os.environ["LOCAL_WORLD_SIZE"] = str(env.num_tasks)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1" if env.num_nodes == 1 else hosts[0])
         os.environ.setdefault("MASTER_PORT", str(20000 + int("".join(c for c in str(env.job_id) if c.isdigit())
                                                             or 0) % 20000))
@@ -85,7 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--nodes", type=int_at_least(1), default=1, help="nodes (default 1)")
     parser.add_argument("--gpus_per_node", type=int_at_least(0), default=8,
-                        help="GPUs per node, one task each (default 8; 0: one CPU task per node)")
+                        help="GPUs per node, one task each (default 8; 0: CPU tasks, --tasks_per_node of them)")
+    parser.add_argument("--tasks_per_node", type=int_at_least(1), default=None,
+                        help="with --gpus_per_node 0: CPU tasks per node, one rank each (default 1), for CPU clusters "
+                             "or to try the cluster path without GPUs; give each its cores with --cpus_per_task")
     parser.add_argument("--cpus_per_task", type=int_at_least(1), default=10, help="CPUs per task (loader workers)")
     parser.add_argument("--partition", default=None, help="SLURM partition")
     parser.add_argument("--timeout", type=int_at_least(1), default=4320, metavar="MIN",
@@ -111,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or command[0] not in SCRIPTS:
         parser.error(f"give the script after '--': one of {', '.join(SCRIPTS)}")
+    if args.tasks_per_node is not None and args.gpus_per_node > 0:
+        parser.error(f"--tasks_per_node goes with --gpus_per_node 0 (CPU tasks); with GPUs each of the "
+                     f"{args.gpus_per_node} tasks of a node has one")
+    args.tasks = args.gpus_per_node or args.tasks_per_node or 1
     args.script, args.script_argv = command[0], command[1:]
     module = importlib.import_module(args.script[: -len(".py")])
     try:
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None):
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     executor = (submitit.LocalExecutor(folder=args.job_dir) if args.local
                 else submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=100))
-    tasks = max(1, args.gpus_per_node)
+    tasks = args.tasks
     params = dict(timeout_min=args.timeout, nodes=args.nodes, tasks_per_node=tasks,
                   cpus_per_task=args.cpus_per_task, name=args.job_name or args.script[: -len(".py")])
     if args.local:

@@ -131,6 +131,8 @@ class LaunchPlan:
         return int(os.environ.get("RANK", 0)) if self.mode == "torchrun" else self.rank_offset + self.local_rank
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return "launch: one process"
         where = self.dist_url if self.dist_url != "env://" else (
             f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
         ranks = (f"ranks {self.first_rank}-{self.first_rank + self.n_local - 1}" if self.n_local > 1
@@ -261,7 +263,7 @@ def _worker(local_rank: int, main_worker: Callable, args: argparse.Namespace, us
             rank_offset: int, world_size: int, launch: str = "", processes_here: int = 1) -> Any:
     with signal_exits(speak=local_rank == 0), one_line_errors():
         ctx = init_distributed(local_rank, use_cuda, dist_url, rank_offset, world_size)
-        ctx.launch = launch or ctx.launch
+        ctx.launch = f"{launch or ctx.launch}, device {ctx.device}"
         if not use_cuda and processes_here > 1:
             ctx.launch += f", {share_cpu_threads(processes_here)} CPU thread(s) in each of {processes_here} processes"
         try:

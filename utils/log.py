@@ -17,6 +17,13 @@ from tqdm import tqdm
 from utils.files import OutputError
 
 LOGGER_NAME = "whiten_mtd"
+# ``logger.info(..., extra=FILE_ONLY)``: a line for the run's log file, kept off the console (the argument dump,
+# iteration records without --log_every)
+FILE_ONLY = {"file_only": True}
+
+
+def _for_the_console(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 def get_logger() -> logging.Logger:
@@ -34,6 +41,7 @@ def setup_logging(is_main: bool, log_file: str | os.PathLike | None = None) -> l
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
+    console.addFilter(_for_the_console)
     logger.addHandler(console)
     if is_main and log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -62,23 +70,36 @@ def git_revision() -> str:
 
 
 def log_run_header(logger: logging.Logger, args: Any, launch: str | None = None) -> None:
-    """What a reader of the log needs to reproduce the run: git revision, how it was launched, every argument."""
-    logger.info("git revision: %s", git_revision())
+    """How the run was launched, on the console; what a reader of the log needs to reproduce it (the git revision,
+    every argument) in the log file only."""
     if launch:
         logger.info("%s", launch)
+    logger.info("git revision: %s", git_revision(), extra=FILE_ONLY)
     for key, value in sorted(vars(args).items()):
-        logger.info("  %s: %s", key, value)
+        logger.info("  %s: %s", key, value, extra=FILE_ONLY)
 
 
 class MetricsWriter:
-    """Append one JSON object per line (rank 0 only; a no-op elsewhere)."""
+    """Append one JSON object per line (rank 0 only; a no-op elsewhere), and its figures as TensorBoard scalars
+    into ``tensorboard`` when given (``utils.tensorboard``)."""
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    def __init__(self, path: str | os.PathLike | None, tensorboard: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.scalars = None
+        if tensorboard is not None:
+            from utils.tensorboard import ScalarWriter
+
+            self.scalars = ScalarWriter(tensorboard)
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.scalars is not None:
+            self.scalars.write(record)
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -18,6 +18,7 @@ LAST_CHECKPOINT = "checkpoint_last.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.log"
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard's event files
 _SNAPSHOT = re.compile(r"checkpoint_(\d+)\.pt")
 
 
@@ -52,6 +53,7 @@ def clear_run(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Delete a previous run's files (``--overwrite``); returns what was deleted."""
     folder = Path(ckpt_dir)
     doomed = run_files(folder) + [folder / n for n in (CONFIG_FILE, LOG_FILE, METRICS_FILE) if (folder / n).is_file()]
+    doomed += sorted((folder / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     doomed = list(dict.fromkeys(doomed)) + stale_temporaries(folder)
     for path in doomed:
         path.unlink(missing_ok=True)
