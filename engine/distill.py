@@ -454,7 +454,9 @@ def _train(params: TrainParams, ctx: DistContext) -> Trainer:
     loader, batches = make_loader(data, params, ctx)
     model, student, criterion = build_model(params, ctx, with_teachers=not cache)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    logger.info("student %s: %d trainable parameters; teachers %s", params.arch, n_train, params.teachers)
+    logger.info("student %s (%s init, %.1fM trainable parameters); teachers %s whitened to %d-d, %s", params.arch,
+                params.student_init, n_train / 1e6, " ".join(params.teachers), params.embed_dim,
+                f"from the cache {cache}" if cache else f"from {params.path_to_pretrained_weights}")
     optimizer = torch.optim.Adam(student.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     n_iters = len(loader)
     logger.info("%d iterations per epoch, %d pairs per iteration over %d process(es)%s", n_iters,

@@ -243,7 +243,7 @@ def test_submit_takes_cpu_tasks_per_node_only_without_gpus(capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     import submit
 
-    script = ["--", "oxford_paris_eval.py", "-a", "resnet18", "-dp", str(ROOT)]
+    script = ["--", "oxford_paris_eval.py", "-a", "resnet18", "-r", str(ROOT / "README.md"), "-dp", str(ROOT)]
     assert submit.parse_args(["--gpus_per_node", "0", "--tasks_per_node", "4", *script]).tasks == 4
     assert submit.parse_args(["--gpus_per_node", "0", *script]).tasks == 1
     assert submit.parse_args(["--gpus_per_node", "8", *script]).tasks == 8

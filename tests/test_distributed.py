@@ -244,6 +244,7 @@ def test_bf16_epoch_and_nan_stop(fitted_weights):
 
 
 def _fails_on_rank_one(args, ctx):
+    dist.barrier()  # both ranks connected (a rank leaving during the other's gloo connect fails that one first)
     if ctx.rank == 1:
         raise UserError(f"bad file {args.path} (rank {ctx.rank})")
 
