@@ -51,6 +51,15 @@ def test_the_smoothed_loss_is_the_debiased_moving_average():
     assert smoothed([2.0, 8.0], 1) == [2.0, 8.0]  # a window of one value: the raw values
 
 
+def test_the_epoch_axis_maps_iterations_through_the_epoch_ends_and_beyond():
+    from utils.training_plot import piecewise_linear
+
+    ends, counts = [0, 4, 8, 14], [0, 1, 2, 3]  # the last epoch had 6 iterations (a resume with another -b)
+    assert list(piecewise_linear([0, 2, 4, 11, 14], ends, counts)) == pytest.approx([0, 0.5, 1, 2.5, 3])
+    assert list(piecewise_linear([-4, 20], ends, counts)) == pytest.approx([-1, 4])  # the margins: extended
+    assert list(piecewise_linear([2.5, -1], counts, ends)) == pytest.approx([11, -4])  # and back
+
+
 @pytest.mark.parametrize("epochs, marks", [(4, "lines"), (200, "axis")])
 def test_many_epochs_get_an_epoch_axis_instead_of_a_line_each(tmp_path, epochs, marks):
     from utils.training_plot import plot_training_metrics

@@ -36,6 +36,18 @@ def smoothed(values: Sequence[float], window: float) -> list[float]:
     return out
 
 
+def piecewise_linear(x: Any, xs: Sequence[float], ys: Sequence[float]) -> Any:
+    """``np.interp`` through the points (xs, ys), continued beyond both ends along the end segments (an axis's
+    margins lie outside the points: clamped, they would label the margin with the last epoch)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=float)
+    y = np.interp(x, xs, ys)
+    low = ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+    high = ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return np.where(x < xs[0], low, np.where(x > xs[-1], high, y))
+
+
 def plot_training_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> dict:
     """Write ``path`` (PNG, atomically) and return the series it drew: the loss, raw and smoothed, the lr and the
     win shares. Epoch ends are lines on every panel, or an epoch axis on top when there are many."""
@@ -72,11 +84,9 @@ def plot_training_metrics(records: Sequence[dict[str, Any]], path: str | os.Path
         for end in epoch_ends if series["epoch_marks"] == "lines" else []:
             ax.axvline(end, color="0.8", linewidth=0.8, zorder=0)
     if series["epoch_marks"] == "axis":  # iteration <-> epoch through the recorded epoch ends
-        import numpy as np
-
         ends, counts = [0, *epoch_ends], list(range(len(epoch_ends) + 1))
-        top = axes[0].secondary_xaxis("top", functions=(lambda i: np.interp(i, ends, counts),
-                                                        lambda e: np.interp(e, counts, ends)))
+        top = axes[0].secondary_xaxis("top", functions=(lambda i: piecewise_linear(i, ends, counts),
+                                                        lambda e: piecewise_linear(e, counts, ends)))
         top.set_xlabel("epoch")
     axes[-1].set_xlabel("iteration" + (" (grey lines: epoch ends)" if series["epoch_marks"] == "lines" else ""))
     if title:
