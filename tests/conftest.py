@@ -12,3 +12,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # threads compute the same sums) and made a 2-thread test 4x faster beside another 2-thread process (27.5 s ->
 # 6.7 s; 4.0 s -> 5.5 s alone). It must be set before torch loads OpenMP: here, before any test module imports it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The longest files, longest first. The two xdist workers take whole files (--dist loadfile). xdist's own order
+# (most tests first) started the demo and the GPU self-test, about 2.5 minutes each with a handful of tests, among
+# the last. First, one per worker, the short files fill in around them.
+LONGEST_FILES = ("test_gpu_path.py", "test_demo.py", "test_clusters.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order
