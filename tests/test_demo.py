@@ -85,3 +85,17 @@ def test_a_work_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
         demo.main(["--work_dir", str(tmp_path / "notes.txt")])
     assert_exit(stop, 2, "--work_dir", err=capsys.readouterr().err)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_training_bar_reads_whole_records_only(tmp_path):
+    """The bar follows metrics.jsonl while the run appends: a line still being written is read once it ends."""
+    metrics = tmp_path / "metrics.jsonl"
+    bar = demo.TrainingBar(metrics, epochs=2)
+    bar()  # no file yet
+    metrics.write_text('{"type": "iter", "loss": 1.5, "lr": 0.001, "images_per_s": 7}\n{"type": "ep')
+    bar()
+    assert bar.bar.n == 0 and "loss=1.500" in bar.bar.postfix
+    with open(metrics, "a") as f:
+        f.write('och"}\n{"type": "epoch"}\n')
+    bar.close()
+    assert bar.bar.n == 2

@@ -131,12 +131,12 @@ class TrainingBar:
     def __call__(self) -> None:
         if not self.metrics.is_file():
             return
-        with open(self.metrics) as f:
+        with open(self.metrics, "rb") as f:
             f.seek(self.offset)
-            lines = f.read().split("\n")
-        complete = lines[:-1]  # the last piece may be a line still being written
-        self.offset += sum(len(line) + 1 for line in complete)
-        for record in map(json.loads, complete):
+            text = f.read()
+        complete = text[:text.rfind(b"\n") + 1]  # what follows the last newline may be a line still being written
+        self.offset += len(complete)
+        for record in map(json.loads, complete.splitlines()):
             if record["type"] == "iter":
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                      img_s=f"{record['images_per_s']:.0f}", refresh=False)

@@ -74,11 +74,15 @@ def r1m_names(data: Path) -> list[str]:
     return names
 
 
+def gnd_path(data: Path, name: str) -> Path:
+    return data / name / f"gnd_{name}.pkl"
+
+
 def expected_targets(data: Path, datasets: list[str], plus1m: bool) -> tuple[dict[str, Path], dict[str, Path]]:
     """({image file name: target} for Oxford/Paris, {R1M relative path: target})."""
     by_name: dict[str, Path] = {}
     for name in datasets:
-        gnd = load_ground_truth(data / name / f"gnd_{name}.pkl")
+        gnd = load_ground_truth(gnd_path(data, name))
         for image in [*gnd["imlist"], *gnd["qimlist"]]:
             by_name[f"{image}.jpg"] = data / name / "jpg" / f"{image}.jpg"
     by_path = {n: data / DISTRACTORS / "jpg" / n for n in r1m_names(data)} if plus1m else {}
@@ -145,7 +149,7 @@ def extract_archives(folder: Path, data: Path, by_name: dict[str, Path], by_path
 def check_dataset(data: Path, name: str) -> list[str]:
     problems = []
     try:
-        gnd = load_ground_truth(data / name / f"gnd_{name}.pkl")
+        gnd = load_ground_truth(gnd_path(data, name))
     except DatasetError as exc:
         return [str(exc)]
     for what, names in (("database", gnd["imlist"]), ("query", gnd["qimlist"])):
@@ -184,10 +188,6 @@ def check_r1m(data: Path) -> list[str]:
     if unexpected:
         print(f"  unexpected (not in {DISTRACTORS}.txt, never read), e.g. {unexpected[:3]}", flush=True)
     return problems
-
-
-def gnd_path(data: Path, name: str) -> Path:
-    return data / name / f"gnd_{name}.pkl"
 
 
 def chosen_datasets(data: Path, named: list[str] | None) -> tuple[list[str], list[str]]:

@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None):
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     executor = (submitit.LocalExecutor(folder=args.job_dir) if args.local
                 else submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=100))
-    tasks = args.tasks
-    params = dict(timeout_min=args.timeout, nodes=args.nodes, tasks_per_node=tasks,
+    params = dict(timeout_min=args.timeout, nodes=args.nodes, tasks_per_node=args.tasks,
                   cpus_per_task=args.cpus_per_task, name=args.job_name or args.script[: -len(".py")])
     if args.local:
-        executor.update_parameters(timeout_min=args.timeout, tasks_per_node=tasks, signal_delay_s=args.signal_delay)
+        executor.update_parameters(timeout_min=args.timeout, tasks_per_node=args.tasks,
+                                   signal_delay_s=args.signal_delay)
     else:
         extra = {k: v for k, v in (("slurm_partition", args.partition), ("slurm_account", args.account),
                                    ("slurm_qos", args.qos), ("slurm_constraint", args.constraint),
