@@ -39,8 +39,8 @@ from models.distill_model import DistillationLoss, DistillModel, WhitenedTeacher
 from models.loss import MultiTeacherDistillLoss
 from models.pca_layer import load_teacher_pca, pca_weight_path
 from models.students import CHECKPOINT_PREFIX, build_student, student_checkpoint_state
-from models.teachers import TEACHER_FILES, TEACHERS
-from utils.checkpoint import CheckpointError, describe_non_checkpoint, load_state_strict, save_atomic
+from models.teachers import check_teacher_file, descriptor_dim
+from utils.checkpoint import CheckpointError, load_state_strict, save_atomic
 from utils.config import to_plain
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
 from utils.errors import UsageError, UserError
@@ -69,18 +69,12 @@ def check_weight_files(params: TrainParams) -> dict[str, str]:
     and a teacher cache must use the same bytes."""
     root = Path(params.path_to_pretrained_weights)
     digests = {}
+    naming = {"data": params.dataset_name, "pool": params.teacher_pool, "gem_p": params.p}
     for name in params.teachers:
-        teacher_file = root / TEACHER_FILES[name]
-        if not teacher_file.is_file():
-            raise UserError(f"teacher {name}: weight file not found: {teacher_file}. Download the published teacher "
-                            "weights into --path_to_pretrained_weights.")
-        not_torch = describe_non_checkpoint(teacher_file)
-        if not_torch is not None:
-            raise UserError(f"teacher {name}: weight file {teacher_file} is not a PyTorch checkpoint: it is "
-                            f"{not_torch}. Download it again.")
+        teacher_file = check_teacher_file(name, root, trust=params.trust_checkpoint)
         load_teacher_pca(root, name, params.embed_dim, trust=params.trust_checkpoint,
-                         in_dim=TEACHERS[name].descriptor_dim)
-        for path in (teacher_file, pca_weight_path(root, name, params.embed_dim)):
+                         in_dim=descriptor_dim(name, params.teacher_pool), **naming)
+        for path in (teacher_file, pca_weight_path(root, name, params.embed_dim, **naming)):
             digests[str(path.relative_to(root))] = sha256_file(path)
     return digests
 
@@ -88,7 +82,8 @@ def check_weight_files(params: TrainParams) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------- model
 def build_teachers(params: TrainParams) -> WhitenedTeachers:
     return WhitenedTeachers(params.teachers, params.path_to_pretrained_weights, gem_p=params.p,
-                            embed_dim=params.embed_dim, trust=params.trust_checkpoint)
+                            embed_dim=params.embed_dim, trust=params.trust_checkpoint, pool=params.teacher_pool,
+                            pca_data=params.dataset_name)
 
 
 def build_model(params: TrainParams, ctx: DistContext, with_teachers: bool = True

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from models.embedder import Embedder, build_embedder
 from models.pca_layer import pca_weight_path
-from models.teachers import TEACHER_FILES
+from models.teachers import teacher_file
 from utils.distributed import DistContext, barrier, broadcast_object, gather_objects
 from utils.errors import UserError
 from utils.feature_store import REFRESH_FIX, StoreEntry, items_fingerprint
@@ -58,7 +58,8 @@ def evaluated_model(params: Any) -> Embedder:
     """The model an evaluation embeds with (a student, or a teacher with or without its PCA), on the CPU."""
     return build_embedder(arch=params.arch, resume=params.resume, teacher=params.teacher, pca=params.pca,
                           weights_dir=params.path_to_pretrained_weights if params.teacher is not None else None,
-                          embed_dim=params.embed_dim, gem_p=params.p, trust=params.trust_checkpoint)
+                          embed_dim=params.embed_dim, gem_p=params.p, trust=params.trust_checkpoint,
+                          pool=params.teacher_pool, pca_data=params.pca_data)
 
 
 def model_key(params: Any) -> dict[str, Any]:
@@ -67,9 +68,10 @@ def model_key(params: Any) -> dict[str, Any]:
     key = role_values(params, "store")
     if params.teacher is not None:
         weights = Path(params.path_to_pretrained_weights)
-        key["file_sha256"] = sha256_file(weights / TEACHER_FILES[params.teacher])
+        key["file_sha256"] = sha256_file(teacher_file(params.teacher, weights))
         if params.pca:
-            key["pca_sha256"] = sha256_file(pca_weight_path(weights, params.teacher, params.embed_dim))
+            key["pca_sha256"] = sha256_file(pca_weight_path(weights, params.teacher, params.embed_dim,
+                                                            params.pca_data, params.teacher_pool, params.p))
     return key
 
 

@@ -24,7 +24,8 @@ from models.embedder import EmbedderConfigError, check_model_flags
 from models.loss import STRATEGIES
 from models.pca_layer import pca_weight_path
 from models.students import check_student_arch
-from models.teachers import TEACHERS, check_embed_dim
+from models.teachers import NAMES_HELP, TEACHER_POOLS, check_embed_dim, check_teacher_name
+from models.timm_names import is_timm_name
 from utils.argtypes import (
     INPUT_TYPES,
     PathCheckingParser,
@@ -135,11 +136,34 @@ def weights_flag() -> Any:
                 help="folder of the published teacher files and of pca_weights/")
 
 
+def _gem_p_used(value: float, params: Any) -> float | None:
+    """-p changes the descriptors of a student and of any GeM teacher, not a timm teacher's pre-logits embedding."""
+    teachers = getattr(params, "teachers", None) or ([params.teacher] if getattr(params, "teacher", None) else [])
+    uses_gem = getattr(params, "arch", None) is not None and not hasattr(params, "teachers")  # an evaluated student
+    uses_gem |= any(not is_timm_name(name) or params.teacher_pool == "gem" for name in teachers)
+    return value if uses_gem else None
+
+
 def gem_p_flag(default: float) -> Any:
     return flag("-p", type=positive_float, default=default, group="model", resume=MUST_MATCH, teacher_cache=True,
-                store=True, protocol="gem_p",
+                store=True, protocol="gem_p", key=_gem_p_used,
                 help="GeM power of the student and the teachers (the paper: 3 for GLDv2 and ROxf/RPar, 1 for SVD; it "
                      "replaces the teachers' learned exponents)")
+
+
+def teacher_pool_flag(**roles: Any) -> Any:
+    return flag("--teacher_pool", default="pre_logits", choices=TEACHER_POOLS, group="model",
+                help="descriptor of the timm: teachers: pre_logits, the model's own pooled embedding (a ViT's CLS "
+                     "token, a CNN's pool and norm: what it was trained to output), or gem, GeM(-p) over the patch "
+                     "tokens or the last feature map (try it when the pre-logits embedding retrieves poorly, e.g. on "
+                     "small landmarks). Each pooling has its own PCA file. The paper's teachers always use GeM",
+                **roles)
+
+
+def check_teacher_pool(teachers: list[str], pool: str) -> None:
+    if pool != "pre_logits" and not any(is_timm_name(name) for name in teachers):
+        raise UsageError(f"--teacher_pool {pool} applies to timm: teachers only, and none is given; the paper's "
+                         "teachers pool with GeM(-p)")
 
 
 def num_workers_flag() -> Any:
@@ -180,9 +204,10 @@ class TrainParams(LaunchParams):
                      group="model", resume=MUST_MATCH,
                      help="student: resnet18, resnet34 or timm:<model name> (any timm CNN, e.g. "
                           "timm:mobilenetv3_large_100, with the same GeM head)")
-    teachers: list[str] = flag("-ts", "--teachers", required=True, nargs="+", choices=tuple(TEACHERS), metavar="NAME",
-                               group="model", resume=MUST_MATCH, teacher_cache=True,
-                               help=f"teachers to distill, in order: {', '.join(TEACHERS)}")
+    teachers: list[str] = flag("-ts", "--teachers", required=True, nargs="+", type=checked_by(check_teacher_name),
+                               metavar="NAME", group="model", resume=MUST_MATCH, teacher_cache=True,
+                               help=f"teachers to distill, in order: {NAMES_HELP}; mixed freely")
+    teacher_pool: str = teacher_pool_flag(resume=MUST_MATCH, teacher_cache=True)
     path_to_pretrained_weights: str = weights_flag()
     embed_dim: int = flag("--embed_dim", type=positive_int, default=512, group="model", resume=MUST_MATCH,
                           teacher_cache=True, help="student and PCA-whitening output dimension")
@@ -260,8 +285,9 @@ class TrainParams(LaunchParams):
             raise UsageError(f"--start_epoch {self.start_epoch} must be below --epochs {self.epochs}")
         if len(set(self.teachers)) != len(self.teachers):
             raise UsageError(f"-ts/--teachers lists a teacher twice: {' '.join(self.teachers)}")
+        check_teacher_pool(self.teachers, self.teacher_pool)
         for name in self.teachers:
-            check_embed_dim(name, self.embed_dim)
+            check_embed_dim(name, self.embed_dim, self.teacher_pool)
         if self.tensorboard:
             check_tensorboard()
         if self.overwrite and self.resume is not None and (
@@ -328,8 +354,9 @@ class SVDTrainParams(TrainParams):
 class PCAParams(LaunchParams):
     """Learning a teacher's PCA-whitening (gld_pca_learn.py, svd_pca_learn.py)."""
 
-    teacher: str = flag("-t", "--teacher", required=True, choices=tuple(TEACHERS), metavar="NAME", group="model",
-                        help=f"teacher whose descriptors are whitened: {', '.join(TEACHERS)}")
+    teacher: str = flag("-t", "--teacher", required=True, type=checked_by(check_teacher_name), metavar="NAME",
+                        group="model", help=f"teacher whose descriptors are whitened: {NAMES_HELP}")
+    teacher_pool: str = teacher_pool_flag()
     path_to_pretrained_weights: str = weights_flag()
     p: float = gem_p_flag(3.0)
     batch_size: int = flag("-b", "--batch_size", type=positive_int, default=256, group="data",
@@ -352,12 +379,14 @@ class PCAParams(LaunchParams):
         """``--dump_to``, or the published file name under ``--path_to_pretrained_weights``."""
         if self.dump_to:
             return Path(self.dump_to)
-        return pca_weight_path(self.path_to_pretrained_weights, self.teacher, self.embed_dim)
+        return pca_weight_path(self.path_to_pretrained_weights, self.teacher, self.embed_dim, self.dataset_name,
+                               self.teacher_pool, self.p)
 
     def check(self) -> None:
         """The whitening can only reduce the descriptor, and an existing output (perhaps the published file) is
         never replaced without --overwrite."""
-        check_embed_dim(self.teacher, self.embed_dim)
+        check_teacher_pool([self.teacher], self.teacher_pool)
+        check_embed_dim(self.teacher, self.embed_dim, self.teacher_pool)
         out = self.output
         if out.is_dir():
             raise UsageError(f"the output {out} is a folder; pass --dump_to FILE")
@@ -422,8 +451,9 @@ class EvalParams(LaunchParams):
         "-r", "--resume", metavar="CKPT", type=existing_file, group="model", store=True,
         key=lambda value, params: sha256_file(value),
         help="student checkpoint to evaluate (with -a): a released one or a training checkpoint")
-    teacher: str | None = flag("-t", "--teacher", choices=tuple(TEACHERS), metavar="NAME", group="model", store=True,
-                               help=f"a teacher to evaluate instead of a student: {', '.join(TEACHERS)}")
+    teacher: str | None = flag("-t", "--teacher", type=checked_by(check_teacher_name), metavar="NAME", group="model",
+                               store=True, help=f"a teacher to evaluate instead of a student: {NAMES_HELP}")
+    teacher_pool: str = teacher_pool_flag(store=True, protocol=True)
     pca: bool = flag("--pca", switch=True, default=False, group="model", store=True,
                      help="whiten the teacher's descriptors with its PCA file")
     path_to_pretrained_weights: str = weights_flag()
@@ -438,9 +468,11 @@ class EvalParams(LaunchParams):
                                         "<ckpt_dir>/tensorboard) at the checkpoint's epoch: evaluating each snapshot "
                                         "draws the accuracy over training (needs `pip install tensorboard`)")
 
+    pca_data: ClassVar[str] = ""  # what a timm teacher's PCA file was learned on (models.pca_layer.pca_weight_path)
+
     def check(self) -> None:
         try:
-            check_model_flags(self.arch, self.resume, self.teacher, self.pca, self.embed_dim)
+            check_model_flags(self.arch, self.resume, self.teacher, self.pca, self.embed_dim, self.teacher_pool)
         except EmbedderConfigError as exc:
             raise UsageError(str(exc)) from None
         if self.tensorboard:
@@ -494,6 +526,7 @@ class ImageEvalParams(EvalParams):
     refresh_cache: bool = _REFRESH_CACHE
 
     description: ClassVar[str] = "Evaluation on roxford5k and/or rparis6k (+1M distractors)."
+    pca_data: ClassVar[str] = "gldv2"
 
     def check(self) -> None:
         super().check()
@@ -532,6 +565,7 @@ class VideoEvalParams(EvalParams):
     refresh_cache: bool = _REFRESH_CACHE
 
     description: ClassVar[str] = "Near-duplicate video retrieval evaluation on SVD."
+    pca_data: ClassVar[str] = "svd"
 
     def check(self) -> None:
         super().check()

@@ -27,7 +27,7 @@ from datasets.transforms import gld_train_transform, svd_pca_transform
 from engine.params import GLDPCAParams, PCAParams, SVDPCAParams
 from engine.training_data import check_svd_data
 from models.pca_layer import PCAWhitening, save_pca_layer
-from models.teachers import build_teacher
+from models.teachers import build_teacher, check_teacher_file
 from utils.distributed import DistContext, barrier
 from utils.errors import UsageError, UserError
 from utils.features import distributed_loader, feature_moments
@@ -61,7 +61,7 @@ def learn_pca(params: PCAParams, dataset: Dataset, ctx: DistContext) -> Path | N
     configure_backends(ctx.device, params.amp, params.deterministic, fixed_input_size=True)
     teacher_name, out = params.teacher, params.output
     teacher = build_teacher(teacher_name, params.path_to_pretrained_weights, gem_p=params.p,
-                            trust=params.trust_checkpoint)
+                            trust=params.trust_checkpoint, pool=params.teacher_pool)
     teacher = teacher.to(ctx.device).eval()
     dim1 = int(teacher.embed_dim)
     n = len(dataset)
@@ -128,7 +128,9 @@ PCA_DATA: dict[str, tuple[Callable[[Any], None], Callable[[Any], Dataset]]] = {
 
 
 def pca_preflight(params: PCAParams) -> None:
+    """Before any rank starts: the images, and the teacher's file (a timm file: its keys and shapes)."""
     PCA_DATA[params.dataset_name][0](params)
+    check_teacher_file(params.teacher, params.path_to_pretrained_weights, trust=params.trust_checkpoint)
 
 
 def pca_worker(params: PCAParams, ctx: DistContext) -> Path | None:

@@ -22,7 +22,10 @@ class WhitenedTeachers(nn.Module):
 
     def __init__(self, names: Sequence[str], weights_dir: str | os.PathLike | None = None, gem_p: float = 3.0,
                  embed_dim: int = 512, trust: bool = False,
-                 pca_layers: dict[str, PCAWhitening] | None = None) -> None:
+                 pca_layers: dict[str, PCAWhitening] | None = None, pool: str = "pre_logits",
+                 pca_data: str = "gldv2") -> None:
+        """``pool``: how timm teachers pool (``--teacher_pool``); ``pca_data``: the data their PCA files were learned
+        on (``gldv2``/``svd``). The paper's teachers have their own pooling and PCA files."""
         super().__init__()
         names = list(names)
         if not names:
@@ -35,9 +38,10 @@ class WhitenedTeachers(nn.Module):
 
         encoders, whitenings = [], []
         for name in names:
-            encoders.append(build_teacher(name, weights_dir, gem_p, trust))
+            encoders.append(build_teacher(name, weights_dir, gem_p, trust, pool))
             whitenings.append(pca_layers[name] if name in pca_layers else
-                              load_teacher_pca(weights_dir, name, embed_dim, trust))
+                              load_teacher_pca(weights_dir, name, embed_dim, trust, data=pca_data, pool=pool,
+                                               gem_p=gem_p))
         self._setup(names, encoders, whitenings)
 
     @classmethod

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.timm_names import is_timm_name
 from utils.errors import UsageError
 from utils.features import PAPER_SCALES, multiscale
 from utils.runtime import channels_last
@@ -57,7 +58,7 @@ class Embedder:
 
 
 def check_model_flags(arch: str | None, resume: str | None, teacher: str | None, pca: bool,
-                      embed_dim: int | None = None) -> None:
+                      embed_dim: int | None = None, pool: str = "pre_logits") -> None:
     """The flag combinations the eval scripts accept (the paper asserted or crashed on the others, B16)."""
     if arch is not None and teacher is not None:
         raise EmbedderConfigError("-a/--arch and -t/--teacher are mutually exclusive: evaluate a student "
@@ -74,17 +75,24 @@ def check_model_flags(arch: str | None, resume: str | None, teacher: str | None,
     if pca and teacher is None:
         raise EmbedderConfigError("--pca applies to teachers only (-t NAME --pca); students are already "
                                   "distilled into the whitened space.")
-    if pca and embed_dim is not None and teacher is not None:
-        from models.teachers import check_embed_dim
+    if pool != "pre_logits" and (teacher is None or not is_timm_name(teacher)):
+        raise EmbedderConfigError(f"--teacher_pool {pool} applies to timm teachers only (-t timm:<model>); the "
+                                  "paper's teachers and the students pool with GeM")
+    if teacher is not None:
+        from models.teachers import check_embed_dim, descriptor_dim
 
-        check_embed_dim(teacher, embed_dim)
+        if pca and embed_dim is not None:
+            check_embed_dim(teacher, embed_dim, pool)
+        else:
+            descriptor_dim(teacher, pool)  # a timm model without such a descriptor: told before any work
 
 
 def build_embedder(arch: str | None = None, resume: str | None = None, teacher: str | None = None,
                    pca: bool = False, weights_dir: str | None = None, embed_dim: int = 512, gem_p: float = 3.0,
-                   trust: bool = False) -> Embedder:
-    """The model to evaluate, in eval mode on the CPU (call ``.to(device)``)."""
-    check_model_flags(arch, resume, teacher, pca, embed_dim)
+                   trust: bool = False, pool: str = "pre_logits", pca_data: str = "gldv2") -> Embedder:
+    """The model to evaluate, in eval mode on the CPU (call ``.to(device)``). ``pool``: a timm teacher's pooling;
+    ``pca_data``: what its PCA file was learned on (``gldv2``/``svd``)."""
+    check_model_flags(arch, resume, teacher, pca, embed_dim, pool)
     if arch is not None:
         from models.students import load_student
 
@@ -94,16 +102,18 @@ def build_embedder(arch: str | None = None, resume: str | None = None, teacher: 
 
     from models.teachers import build_teacher
 
-    model = build_teacher(teacher, weights_dir, gem_p=gem_p, trust=trust).eval()
+    model = build_teacher(teacher, weights_dir, gem_p=gem_p, trust=trust, pool=pool).eval()
     where = f"from {weights_dir}" if weights_dir is not None else "randomly initialised"
-    description = f"teacher {teacher} (GeM p={gem_p:g}) {where}"
+    pooling = f"GeM p={gem_p:g}" if pool == "gem" or not is_timm_name(teacher) else "pre-logits"
+    description = f"teacher {teacher} ({pooling}) {where}"
     post = None
     if pca:
         if weights_dir is None:
             raise EmbedderConfigError("--pca needs --path_to_pretrained_weights (the folder holding pca_weights/).")
         from models.pca_layer import load_teacher_pca, pca_weight_path
 
-        post = load_teacher_pca(weights_dir, teacher, embed_dim, trust, in_dim=int(model.embed_dim)).eval()
-        path = pca_weight_path(weights_dir, teacher, embed_dim)
+        naming = {"data": pca_data, "pool": pool, "gem_p": gem_p}
+        post = load_teacher_pca(weights_dir, teacher, embed_dim, trust, in_dim=int(model.embed_dim), **naming).eval()
+        path = pca_weight_path(weights_dir, teacher, embed_dim, **naming)
         description += f" + PCA-whitening {int(post.dim1)}->{int(post.dim2)} ({Path(path).name})"
     return Embedder(model, post, description)

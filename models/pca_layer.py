@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.timm_names import TIMM_PREFIX, is_timm_name
 from utils.checkpoint import CheckpointError, check_state_dict, load_file, save_atomic
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ PCA_FILES = {
     "resnet101_delg": "pca_weights/resnet101_delg_pca_{embed_dim}d_gldv2_512x512_p3_randcrop.pt",
     "resnet101_dolg": "pca_weights/resnet101_dolg_pca_{embed_dim}d_gldv2_512x512_p3_global_randcrop.pt",
 }
+# A timm teacher's (``timm:<model>``) is learned per training data (``gldv2`` for the image flows, ``svd`` for the
+# video ones) and per pooling: ``timm-<model>_pca_<dim>d_<data>_prelogits.pt`` or ``..._gem-p<p>.pt``.
+TIMM_PCA_FILE = "pca_weights/timm-{model}_pca_{embed_dim}d_{data}_{pool}.pt"
+PCA_DATA = ("gldv2", "svd")
 PCA_BUFFERS = ("dim1", "dim2", "whit", "d", "v", "n_0", "mean", "dvt")
 
 
@@ -117,22 +122,46 @@ class PCAWhitening(nn.Module):
         return f"dim1={int(self.dim1)}, dim2={int(self.dim2)}, whit={float(self.whit)}"
 
 
-def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int = 512) -> Path:
-    """The PCA file of ``teacher`` whitening to ``embed_dim`` dimensions (the published name for 512)."""
+def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int = 512, data: str = "gldv2",
+                    pool: str = "pre_logits", gem_p: float = 3.0) -> Path:
+    """The PCA file of ``teacher`` whitening to ``embed_dim`` dimensions (the published name for 512). ``data``
+    (``gldv2``/``svd``: what it was learned on), ``pool`` and ``gem_p`` name a timm teacher's file only: the paper's
+    teachers have one published file each."""
+    if is_timm_name(teacher):
+        if data not in PCA_DATA:
+            raise ValueError(f"PCA data must be one of {PCA_DATA}, got {data!r}")
+        pool_tag = "prelogits" if pool == "pre_logits" else f"gem-p{gem_p:g}"
+        name = TIMM_PCA_FILE.format(model=teacher[len(TIMM_PREFIX):], embed_dim=embed_dim, data=data, pool=pool_tag)
+        return Path(weights_dir) / name
     if teacher not in PCA_FILES:
         raise ValueError(f"no PCA file name for teacher '{teacher}'; known: {', '.join(PCA_FILES)}")
     return Path(weights_dir) / PCA_FILES[teacher].format(embed_dim=embed_dim)
 
 
+def pca_learn_command(teacher: str, embed_dim: int, weights_dir: str | os.PathLike, data: str = "gldv2",
+                      pool: str = "pre_logits", gem_p: float = 3.0) -> str:
+    """The command that learns the PCA file ``pca_weight_path`` names (the data's script and flags)."""
+    video = data == "svd" if is_timm_name(teacher) else "_svd_" in PCA_FILES.get(teacher, "")
+    if video:
+        command = f"python svd_pca_learn.py -t {teacher} -dm config/svd.yaml"
+    else:
+        command = f"python gld_pca_learn.py -t {teacher} --gld_root_path GLD --imsize 512 --num_samples -1"
+    if is_timm_name(teacher) and pool != "pre_logits":
+        command += f" --teacher_pool {pool} -p {gem_p:g}"
+    return f"{command} --path_to_pretrained_weights {weights_dir} --embed_dim {embed_dim}"
+
+
 def load_teacher_pca(weights_dir: str | os.PathLike, teacher: str, embed_dim: int, trust: bool = False,
-                     in_dim: int | None = None) -> PCAWhitening:
-    """The PCA file of ``teacher`` for ``embed_dim`` under ``weights_dir``; a missing file says how to make it."""
-    path = pca_weight_path(weights_dir, teacher, embed_dim)
+                     in_dim: int | None = None, data: str = "gldv2", pool: str = "pre_logits",
+                     gem_p: float = 3.0) -> PCAWhitening:
+    """The PCA file of ``teacher`` for ``embed_dim`` under ``weights_dir`` (``pca_weight_path``); a missing file
+    says how to make it."""
+    path = pca_weight_path(weights_dir, teacher, embed_dim, data, pool, gem_p)
     if not path.is_file():
+        download = "" if is_timm_name(teacher) else ", or download the published pca_weights/"
         raise CheckpointError(f"teacher {teacher}: PCA-whitening file for --embed_dim {embed_dim} not found: {path}. "
-                              f"Learn it with: python gld_pca_learn.py (or svd_pca_learn.py) -t {teacher} --embed_dim "
-                              f"{embed_dim} --path_to_pretrained_weights {weights_dir}, or download the published "
-                              "pca_weights/.")
+                              f"Learn it with: {pca_learn_command(teacher, embed_dim, weights_dir, data, pool, gem_p)}"
+                              f"{download}.")
     return load_pca_layer(path, trust=trust, in_dim=in_dim, out_dim=embed_dim)
 
 

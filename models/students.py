@@ -19,11 +19,11 @@ import torchvision
 from torch import nn
 
 from models.gem import GeM
+from models.timm_names import TIMM_PREFIX, timm_model_name
 from utils.checkpoint import CheckpointError, load_file, load_state_strict
 
 STUDENT_ARCHS = ("resnet18", "resnet34")
 CHECKPOINT_PREFIX = "module.base_encoder."
-TIMM_PREFIX = "timm:"
 _RESNET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 _TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights"}
 
@@ -72,8 +72,7 @@ class TimmStudent(GeMStudent):
 
         super().__init__()
         self.arch = TIMM_PREFIX + name
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm model '{name}' in -a timm:{name}; see timm.list_models() for names.")
+        timm_model_name(self.arch, "-a")
         try:
             self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
         except (OSError, RuntimeError, urllib.error.URLError) as exc:
@@ -128,11 +127,7 @@ def check_student_arch(arch: str) -> None:
     if arch in STUDENT_ARCHS:
         return
     if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
-        import timm
-
-        if not timm.is_model(arch[len(TIMM_PREFIX):]):
-            raise ValueError(f"unknown timm model '{arch[len(TIMM_PREFIX):]}' in -a {arch}; see "
-                             "timm.list_models() for names")
+        timm_model_name(arch, "-a")
         return
     raise ValueError(f"unknown student architecture '{arch}'; choose one of {', '.join(STUDENT_ARCHS)} "
                      "or timm:<model name> (e.g. timm:mobilenetv3_large_100)")

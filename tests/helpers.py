@@ -76,16 +76,23 @@ def pca_from_features(features: torch.Tensor, dim2: int):
 
 @functools.cache
 def weights_dir(teachers: tuple[str, ...] = CHEAP_TEACHERS, embed_dim: int = 512, seed: int = 0) -> Path:
-    """Random teachers written with ``write_published_layout`` and random-feature PCA files under one folder."""
-    from models.pca_layer import pca_weight_path, save_pca_layer
-    from models.teachers import TEACHER_FILES, build_teacher, write_published_layout
+    """Random teachers written with ``write_published_layout`` and random-feature PCA files under one folder. A timm
+    teacher (``timm:<model>``) gets a PCA file per data (gldv2, svd) and pooling (pre-logits, GeM with p 1 and 3)."""
+    from models.pca_layer import PCA_DATA, pca_weight_path, save_pca_layer
+    from models.teachers import build_teacher, descriptor_dim, teacher_file, write_published_layout
 
-    root = _CACHE_DIR / f"weights_{'_'.join(teachers)}_{embed_dim}_{seed}"
+    root = _CACHE_DIR / f"weights_{'_'.join(teachers).replace(':', '-')}_{embed_dim}_{seed}"
     for i, name in enumerate(teachers):
         torch.manual_seed(seed + i)
-        teacher = build_teacher(name)
-        write_published_layout(name, teacher, root / TEACHER_FILES[name])
-        save_pca_layer(random_pca(int(teacher.embed_dim), embed_dim, seed + i), pca_weight_path(root, name, embed_dim))
+        write_published_layout(name, build_teacher(name), teacher_file(name, root))
+        whitenings = [{}]
+        if name.startswith("timm:"):
+            whitenings = [{"data": data, "pool": pool, "gem_p": p} for data in PCA_DATA
+                          for pool, p in (("pre_logits", 3.0), ("gem", 1.0), ("gem", 3.0))]
+        for j, naming in enumerate(whitenings):
+            dim1 = descriptor_dim(name, naming.get("pool", "pre_logits"))
+            save_pca_layer(random_pca(dim1, embed_dim, seed + i + 101 * j),
+                           pca_weight_path(root, name, embed_dim, **naming))
     return root
 
 

@@ -213,6 +213,22 @@ def launch_perturbations(tmp_path):
             "cache_dtype": {"cache_dtype": "float16"}, "refresh_cache": {"refresh_cache": True}}
 
 
+TIMM_TEACHERS = ("mocov3", "timm:vit_tiny_patch16_224")  # the ViT: 192-d, normalised with mean and std 0.5
+
+
+def timm_teacher(embed_dim=32):
+    """A whitened timm teacher to evaluate (its own normalisation, its --teacher_pool, its file under timm/)."""
+    return {"teacher": TIMM_TEACHERS[1], "pca": True, "embed_dim": embed_dim,
+            "path_to_pretrained_weights": str(weights_dir(TIMM_TEACHERS, embed_dim))}
+
+
+def timm_perturbations(p=1.0):
+    """-p leaves a pre-logits embedding alone (the key must too); the pooling and the file's bytes change it."""
+    return {"teacher_pool": {"teacher_pool": "gem"}, "p": {"p": p},
+            "embed_dim": timm_teacher(embed_dim=16),
+            "path_to_pretrained_weights": {"path_to_pretrained_weights": str(weights_dir(TIMM_TEACHERS, 32, seed=1))}}
+
+
 def random_student(path, arch="resnet18", embed_dim=512, seed=0):
     torch.manual_seed(seed)
     torch.save({"state_dict": student_checkpoint_state(build_student(arch, embed_dim=embed_dim))}, path)
@@ -230,7 +246,8 @@ def test_the_image_store_key_changes_exactly_when_the_descriptors_change(toy, tm
     common = {"data_path": str(toy / "data"), "num_workers": 0, "no_progress": True}
     bases = {"student": {**common, "arch": "resnet18", "resume": str(toy / "student.pt")},
              "teacher": {**common, "teacher": "mocov3", "pca": True, "path_to_pretrained_weights": str(weights)},
-             "bare teacher": {**common, "teacher": "mocov3", "path_to_pretrained_weights": str(weights)}}
+             "bare teacher": {**common, "teacher": "mocov3", "path_to_pretrained_weights": str(weights)},
+             "timm teacher": {**common, **timm_teacher()}}
     data = {**launch_perturbations(tmp_path), "data_path": {"data_path": str(other_images)},
             "dataset": {"dataset": ["roxford5k", "rparis6k"]}, "imsize": {"imsize": SIZE - 8},
             "plus1m": {"plus1m": True}, "multiscale": {"multiscale": True}, "crop_queries": {"crop_queries": True},
@@ -243,6 +260,7 @@ def test_the_image_store_key_changes_exactly_when_the_descriptors_change(toy, tm
                     "path_to_pretrained_weights": {"path_to_pretrained_weights": str(weights_dir())},
                     "embed_dim": {"embed_dim": 256, "path_to_pretrained_weights": str(weights_dir(embed_dim=256))}},
         "bare teacher": {"embed_dim": {"embed_dim": 256}, "p": {"p": 1.0}},  # no PCA: the dimension changes nothing
+        "timm teacher": timm_perturbations(),
     }
 
     def parts(params):
@@ -281,8 +299,10 @@ def test_the_video_store_key_changes_exactly_when_the_frame_features_change(tmp_
                 "candidates": video_part(params, meta, "c", meta.test_labeled_ids + meta.unlabeled_ids,
                                          "test candidate")}
 
-    check_keys_follow_the_values(VideoEvalParams, {"student": base, "teacher": teacher},
-                                 {"student": perturbations, "teacher": teacher_perturbations}, parts, tmp_path)
+    timm = {**{k: v for k, v in teacher.items() if k != "path_to_pretrained_weights"}, **timm_teacher()}
+    check_keys_follow_the_values(VideoEvalParams, {"student": base, "teacher": teacher, "timm teacher": timm},
+                                 {"student": perturbations, "teacher": teacher_perturbations,
+                                  "timm teacher": timm_perturbations(p=3.0)}, parts, tmp_path)
 
 
 def test_frame_counts_and_the_frame_folder_enter_the_video_key():

@@ -3,7 +3,8 @@ script flag keeps its name, default and kind (the snapshot in tests/data/script_
 restructuring; since then it changed only where an issue changed flags: -d and --sim_fn take several values and the
 evaluation scripts gained --feature_cache, --cache_dtype and --refresh_cache; every script gained --nproc_per_node;
 the training scripts --teacher_cache, --teacher_views and --teacher_cache_dtype; gld_distill.py --gld_csv and
-gld_pca_learn.py --gld_ids)."""
+gld_pca_learn.py --gld_ids; every script --teacher_pool, and -t/-ts check their names by a type, not a list of
+choices, since they also take timm:<model name>)."""
 import argparse
 import ast
 import importlib

@@ -257,11 +257,22 @@ def stored(cache):
             for name, array in shard_files(entry).items()}
 
 
+# The key tests' teachers: the paper's two cheapest and a timm ViT (its own normalisation, its --teacher_pool), at an
+# --embed_dim the ViT's 192-d descriptor allows.
+KEY_TEACHERS, KEY_DIM = (*CHEAP_TEACHERS, "timm:vit_tiny_patch16_224"), 128
+
+
+def key_base():
+    return {"teachers": list(KEY_TEACHERS), "embed_dim": KEY_DIM,
+            "path_to_pretrained_weights": str(weights_dir(KEY_TEACHERS, KEY_DIM))}
+
+
 @pytest.fixture(scope="module")
 def perturbations(tmp_path_factory):
-    """For every flag of the training: another valid value (or values of several flags that only go together).
-    ``gld_root_path``: another folder of other images under the same names (image contents are not hashed: the
-    key takes the folder); ``gld_csv``: the same list at another path; ``path_to_pretrained_weights``: a copy."""
+    """For every flag of the training: another valid value (or values of several flags that only go together), from
+    ``key_base()``. ``gld_root_path``: another folder of other images under the same names (image contents are not
+    hashed: the key takes the folder); ``gld_csv``: the same list at another path; ``path_to_pretrained_weights``: a
+    copy."""
     root = tmp_path_factory.mktemp("perturbed")
     other_images = root / "gld"
     shutil.copytree(toy_items_root(), other_images)
@@ -271,14 +282,16 @@ def perturbations(tmp_path_factory):
     csv_copy = root / "list.csv"
     shutil.copy(toy_items_root() / "meta" / "train_clean.csv", csv_copy)
     weights_copy = root / "weights"
-    shutil.copytree(weights_dir(), weights_copy)
+    shutil.copytree(key_base()["path_to_pretrained_weights"], weights_copy)
     return {
         "world_size": {"world_size": 2}, "nproc_per_node": {"nproc_per_node": 2}, "rank": {"rank": 1},
         "dist_url": {"dist_url": "tcp://127.0.0.1:29400"}, "device": {"device": "cpu"}, "seed": {"seed": 1},
         "amp": {"amp": "bf16"}, "no_progress": {"no_progress": False}, "trust_checkpoint": {"trust_checkpoint": True},
-        "arch": {"arch": "resnet34"}, "teachers": {"teachers": list(CHEAP_TEACHERS[::-1])},
+        "arch": {"arch": "resnet34"}, "teachers": {"teachers": list(KEY_TEACHERS[::-1])},
+        "teacher_pool": {"teacher_pool": "gem"},
         "path_to_pretrained_weights": {"path_to_pretrained_weights": str(weights_copy)},
-        "embed_dim": {"embed_dim": 256, "path_to_pretrained_weights": str(weights_dir(embed_dim=256))},
+        "embed_dim": {"embed_dim": KEY_DIM // 2,
+                      "path_to_pretrained_weights": str(weights_dir(KEY_TEACHERS, KEY_DIM // 2))},
         "p": {"p": 1.0}, "student_init": {"student_init": "random"}, "batch_size": {"batch_size": 4},
         "num_workers": {"num_workers": 1}, "ckpt_dir": {"ckpt_dir": str(root / "elsewhere")},
         "resume": {"resume": str(csv_copy)}, "overwrite": {"overwrite": True}, "epochs": {"epochs": 3},
@@ -302,8 +315,10 @@ def test_the_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp_pat
     embeddings of the views, the views' parameters): a flag that changes the embeddings but not the key would reuse
     a stale cache; one that changes the key but not the embeddings would rebuild it for nothing. The flags outside
     the key are perturbed all at once for the stored values (they change nothing together, so none does alone)."""
+    base = key_base()
+
     def built(name, changes):
-        params = cache_args(tmp_path / name, **changes)
+        params = cache_args(tmp_path / name, **{**base, **changes})
         cache = make_cache(params)
         with torch_threads(1):
             cache.build(build_teachers(params), DistContext())
@@ -311,7 +326,8 @@ def test_the_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp_pat
 
     base_key, base_values = built("base", {})
     keyed = [name for name, changes in perturbations.items()
-             if [entry.key for entry in make_cache(cache_args(tmp_path / "keys", **changes)).entries()] != base_key]
+             if [entry.key for entry in make_cache(cache_args(tmp_path / "keys", **{**base, **changes})).entries()]
+             != base_key]
     assert keyed  # the key is not blind
     free = {k: v for name, changes in perturbations.items() if name not in keyed for k, v in changes.items()}
     _, values = built("free", free)
@@ -362,15 +378,18 @@ def test_the_svd_cache_key_changes_exactly_when_the_stored_embeddings_change(tmp
     probes = {**shared, **svd_only}
     assert {field.name for field, _ in declared_fields(SVDTrainParams)} == set(probes)
 
+    base = key_base()
+
     def built(name, changes):
-        params = svd_cache_args(tmp_path / name, meta, **changes)
+        params = svd_cache_args(tmp_path / name, meta, **{**base, **changes})
         cache = make_svd_cache(params)
         with torch_threads(1):
             cache.build(build_teachers(params), DistContext())
         return stored(cache)
 
     def key(changes):
-        return [entry.key for entry in make_svd_cache(svd_cache_args(tmp_path / "keys", meta, **changes)).entries()]
+        params = svd_cache_args(tmp_path / "keys", meta, **{**base, **changes})
+        return [entry.key for entry in make_svd_cache(params).entries()]
 
     base_key, base_values = key({}), built("base", {})
     keyed = [name for name, changes in probes.items() if key(changes) != base_key]
