@@ -10,6 +10,9 @@ rounds as each model.
     python benchmarks/embedding_cost.py                         # 224 and 512 px
     python benchmarks/embedding_cost.py --sizes 224 512 1024    # also 1024 px (several minutes on 2 cores)
     python benchmarks/embedding_cost.py --device cuda --amp bf16 --batch 32 --sizes 224 512 1024   # a GPU
+    # a timm teacher (random weights) beside a paper teacher, each at its own size (NAME@SIZE)
+    python benchmarks/embedding_cost.py --models resnet101_dolg@512 timm:vit_base_patch14_dinov2@224 \
+        timm:vit_base_patch14_dinov2@518
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import nn
 
 from benchmarks import common
 from models.students import build_student
-from models.teachers import TEACHERS, build_teacher
+from models.teachers import TEACHERS, build_teacher, check_teacher_name
 from utils.runtime import AMP_DTYPES, autocast, check_amp, count_gflops
 
 STUDENTS = ("resnet18", "resnet34")
@@ -88,12 +91,28 @@ def ensemble_rows(rows: list[dict], size: int) -> list[dict]:
     return out
 
 
+def model_at_sizes(value: str) -> str:
+    """``NAME`` or ``NAME@SIZE``: a student, a paper teacher or ``timm:<model>``, optionally at its own size."""
+    name, _, size = value.partition("@")
+    if size and not (size.isdigit() and int(size) > 0):
+        raise argparse.ArgumentTypeError(f"{value}: the size after @ must be a positive integer (px)")
+    if name not in STUDENTS:
+        try:
+            check_teacher_name(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; or a student: {', '.join(STUDENTS)}") from None
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="square image sizes in px")
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    parser.add_argument("--models", nargs="+", default=[*STUDENTS, *TEACHERS], choices=[*STUDENTS, *TEACHERS],
-                        help="models to time (default: both students and all teachers)")
+    parser.add_argument("--models", nargs="+", default=[*STUDENTS, *TEACHERS], type=model_at_sizes,
+                        metavar="NAME[@SIZE]",
+                        help="models to time: the students, the paper's teachers or timm:<model name> (random "
+                             "weights); NAME@SIZE times it at that size only, instead of --sizes (default: both "
+                             "students and the paper's teachers)")
     parser.add_argument("--amp", default="none", choices=sorted(AMP_DTYPES),
                         help="autocast dtype of the forward (bf16 on CPU or GPU, fp16 on GPU; default float32)")
     common.add_common_args(parser, repeats=2, warmup=1)
@@ -106,11 +125,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     machine = common.machine_info(device)
     check_amp(args.amp, device)
     rows: list[dict] = []
-    for name in args.models:
+    models: dict[str, list[int]] = {}
+    for entry in args.models:
+        name, _, size = entry.partition("@")
+        models.setdefault(name, []).extend([int(size)] if size else args.sizes)
+    for name, sizes in models.items():
         model = build_student(name) if name in STUDENTS else build_teacher(name)
-        rows += [bench_model(name, model, size, args, device) for size in args.sizes]
+        rows += [bench_model(name, model, size, args, device) for size in dict.fromkeys(sizes)]
         del model
-    for size in args.sizes:
+    for size in sorted({row["size"] for row in rows}):
         rows += ensemble_rows(rows, size)
     columns = [("model", "model", ""), ("size", "px", "d"), ("params_m", "params (M)", ".1f"),
                ("gflops_per_image", "GFLOPs/img", ".1f"), ("images_per_s", "img/s", ".2f"),

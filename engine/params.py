@@ -133,7 +133,7 @@ def deterministic_flag() -> Any:
 
 def weights_flag() -> Any:
     return flag("--path_to_pretrained_weights", default=WEIGHTS_DEFAULT, metavar="DIR", group="model", resume=FREE,
-                help="folder of the published teacher files and of pca_weights/")
+                help="folder of the published teacher files, timm/<model>.safetensors and pca_weights/")
 
 
 def _gem_p_used(value: float, params: Any) -> float | None:

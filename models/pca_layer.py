@@ -140,9 +140,8 @@ def pca_weight_path(weights_dir: str | os.PathLike, teacher: str, embed_dim: int
 
 def pca_learn_command(teacher: str, embed_dim: int, weights_dir: str | os.PathLike, data: str = "gldv2",
                       pool: str = "pre_logits", gem_p: float = 3.0) -> str:
-    """The command that learns the PCA file ``pca_weight_path`` names (the data's script and flags)."""
-    video = data == "svd" if is_timm_name(teacher) else "_svd_" in PCA_FILES.get(teacher, "")
-    if video:
+    """The command that learns the PCA file ``pca_weight_path`` names, with the script of ``data`` (the flow's)."""
+    if data == "svd":
         command = f"python svd_pca_learn.py -t {teacher} -dm config/svd.yaml"
     else:
         command = f"python gld_pca_learn.py -t {teacher} --gld_root_path GLD --imsize 512 --num_samples -1"

@@ -101,3 +101,18 @@ def test_pca_memory_benchmark_runs_both_paths():
     paths = [r["path"] for r in rows]
     assert paths.count("gathered") == 2 and paths.count("moments") == 2 and len(rows) == 6
     assert all(r["peak_mib"] is None or r["peak_mib"] >= 0 for r in rows)
+
+
+def test_embedding_cost_times_each_model_at_its_own_size():
+    """NAME@SIZE: a timm teacher and a student each at the size named, counted and timed there."""
+    from benchmarks.embedding_cost import main
+
+    rows = main(["--models", "timm:vit_tiny_patch16_224@32", "timm:vit_tiny_patch16_224@48", "resnet18@40",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1"])
+    assert sorted((r["model"], r["size"]) for r in rows) == [
+        ("resnet18", 40), ("timm:vit_tiny_patch16_224", 32), ("timm:vit_tiny_patch16_224", 48)]
+    vit = {r["size"]: r for r in rows if r["model"].startswith("timm:")}
+    # a ViT's cost grows with its token count: 9 patches at 48 px against 4 at 32 px
+    assert vit[48]["gflops_per_image"] > vit[32]["gflops_per_image"] > 0
+    with pytest.raises(SystemExit):
+        main(["--models", "timm:vit_tiny_patch16_224@0"])

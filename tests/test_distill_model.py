@@ -123,8 +123,8 @@ def test_ddp_single_process_gloo(tmp_path):
 def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, monkeypatch):
     calls = []
 
-    def fake_build_teacher(name, weights_dir=None, gem_p=3.0, trust=False):
-        calls.append((name, weights_dir, gem_p, trust))
+    def fake_build_teacher(name, weights_dir=None, gem_p=3.0, trust=False, pool="pre_logits"):
+        calls.append((name, weights_dir, gem_p, trust, pool))
         torch.manual_seed(len(calls))
         return TinyTeacher(12).eval()
 
@@ -137,7 +137,8 @@ def test_from_weights_dir_uses_build_teacher_and_published_pca_names(tmp_path, m
         pcas[name] = PCAWhitening(12, 6).fit(torch.randn(30, 12))
         save_pca_layer(pcas[name], pca_weight_path(tmp_path, name, 6))
     teachers = WhitenedTeachers(["resnet101_gem", "mocov3"], tmp_path, gem_p=1.0, embed_dim=6)
-    assert calls[-2:] == [("resnet101_gem", tmp_path, 1.0, False), ("mocov3", tmp_path, 1.0, False)]
+    assert calls[-2:] == [("resnet101_gem", tmp_path, 1.0, False, "pre_logits"),
+                          ("mocov3", tmp_path, 1.0, False, "pre_logits")]
     assert teachers.embed_dims == [6, 6]
     for name, layer in zip(teachers.names, teachers.whitenings):
         assert torch.equal(layer.dvt, pcas[name].dvt)

@@ -74,7 +74,7 @@ def check(path: Path, load) -> dict:
 
 def pca_rows(name: str, weights: Path, dim: int, in_dim: int, pool: str, args: argparse.Namespace) -> list[dict]:
     """The rows of a teacher's PCA files for ``dim``: the paper's one file, or a timm teacher's file per data."""
-    namings = [{}]
+    namings = [{"data": "svd" if "_svd_" in pca_weight_path(weights, name, dim).name else "gldv2"}]
     if is_timm_name(name):
         namings = [{"data": data, "pool": pool, "gem_p": args.p or {"gldv2": 3.0, "svd": 1.0}[data]}
                    for data in PCA_DATA]
@@ -86,7 +86,8 @@ def pca_rows(name: str, weights: Path, dim: int, in_dim: int, pool: str, args: a
                     lambda p, d=dim: load_pca_layer(p, trust=args.trust_checkpoint, in_dim=in_dim, out_dim=d).out_dim)
         if not pca["present"]:
             pca["error"] = f"missing; learn it: {pca_learn_command(name, dim, weights, **naming)}"
-        rows.append({"what": " ".join(filter(None, (f"PCA {name} {dim}-d", naming.get("data")))), **pca})
+        data = f" {naming['data']}" if is_timm_name(name) else ""
+        rows.append({"what": f"PCA {name} {dim}-d{data}", **pca})
     return rows
 
 

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 TEACHERS = ("mocov3", "barlowtwins")  # the cheapest pair (ResNet50s)
+TIMM_TEACHER = "timm:vit_tiny_patch16_224"  # a ViT with its own input normalisation, at the toy crop size
 EMBED_DIM, IMSIZE, CROP = 32, 48, 32
 SIM_FNS = ("fme", "fmx", "sme", "smx", "cf")
 MAP_TOLERANCE = 3.0  # mAP points between the GPU in fp16 and the CPU in fp32 on 6 toy queries
@@ -128,16 +129,16 @@ def tail(path: Path, lines: int = 15) -> str:
 def make_inputs(work: Path) -> str:
     from datasets.toy import make_toy_gld, make_toy_revisitop, make_toy_svd
     from models.students import build_student, student_checkpoint_state
-    from models.teachers import TEACHER_FILES, build_teacher, write_published_layout
+    from models.teachers import build_teacher, teacher_file, write_published_layout
     from utils.checkpoint import save_atomic
 
     make_toy_gld(work / "gld", n_landmarks=8, imgs_per_landmark=3, size=IMSIZE, seed=0)
     make_toy_revisitop(work / "data", "roxford5k", n_queries=6, n_db=18, size=IMSIZE, seed=0, n_distractors=6)
     make_toy_svd(work / "svd", n_queries=3, n_train_queries=3, positives=2, negatives=1, n_unlabeled=4,
                  frames=(2, 4), size=40, seed=0)
-    for i, name in enumerate(TEACHERS):
+    for i, name in enumerate((*TEACHERS, TIMM_TEACHER)):
         torch.manual_seed(i)
-        write_published_layout(name, build_teacher(name), work / "weights" / TEACHER_FILES[name])
+        write_published_layout(name, build_teacher(name), teacher_file(name, work / "weights"))
     torch.manual_seed(0)
     save_atomic({"state_dict": student_checkpoint_state(build_student("resnet18", embed_dim=EMBED_DIM))},
                 work / "student_random.pt")
@@ -162,13 +163,14 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
         "svd_pca_learn.py", "-t", TEACHERS[0], "-dm", work / "svd" / "svd.yaml", "--frames_per_video", 2,
         "--dump_to", work / "svd_pca.pt", *weights, *common))
 
-    def distill_argv(ckpt: str, *extra: object) -> list:
-        return ["gld_distill.py", "-a", "resnet18", "-ts", *TEACHERS, "-c", work / "runs" / ckpt, "--gld_root_path",
+    def distill_argv(ckpt: str, *extra: object, teachers: tuple[str, ...] = TEACHERS) -> list:
+        return ["gld_distill.py", "-a", "resnet18", "-ts", *teachers, "-c", work / "runs" / ckpt, "--gld_root_path",
                 work / "gld", "--student_init", "random", "--imsize", CROP, "-b", 4, "--epochs", 1, "--log_every", 1,
                 *weights, *common, *extra]
 
-    def distill(ckpt: str, *extra: object, launcher: list[str] | None = None) -> Path:
-        check.script(*distill_argv(ckpt, *extra), launcher=launcher)
+    def distill(ckpt: str, *extra: object, launcher: list[str] | None = None,
+                teachers: tuple[str, ...] = TEACHERS) -> Path:
+        check.script(*distill_argv(ckpt, *extra, teachers=teachers), launcher=launcher)
         return work / "runs" / ckpt
 
     distill.argv = distill_argv
@@ -181,6 +183,12 @@ def run_check(args: argparse.Namespace, work: Path) -> list[Step]:
         check.step(f"gld_distill.py from the teacher cache, {label}", lambda a=amp: finished(distill(
             f"cached_{a}", "--amp", a, "--teacher_cache", work / f"cache_{a}", "--teacher_views", 2)), skip)
 
+    check.step(f"gld_pca_learn.py -t {TIMM_TEACHER}", lambda: check.script(
+        "gld_pca_learn.py", "-t", TIMM_TEACHER, "--gld_root_path", work / "gld", "--imsize", CROP, "--num_samples",
+        -1, "-b", 8, "--overwrite", *weights, *common))
+    mixed_amp = "bf16" if bf16 else "none"
+    check.step(f"gld_distill.py -ts {TEACHERS[0]} {TIMM_TEACHER}, {mixed_amp}", lambda: finished(distill(
+        "timm", "--amp", mixed_amp, teachers=(TEACHERS[0], TIMM_TEACHER))))
     check.step("stop (SIGTERM) + resume == uninterrupted", lambda: stop_and_resume(check, distill))
     check.step("oxford_paris_eval.py, device vs CPU fp32", lambda: evaluate_student(check, work, common, on_gpu))
     check.step("oxford_paris_eval.py -t ... --pca", lambda: check.script(

@@ -87,8 +87,10 @@ def descriptor_dim(teacher: str, pool: str = "pre_logits") -> int:
     with torch.device("meta"):
         model = _create(name).eval()
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        # the input made like the weights (new_empty of one): device trackers see shape-only tensors of one kind
+        probe = next(model.parameters()).new_empty(1, *size)
         try:
-            out = _descriptor(model, torch.empty(1, *size), pool, 3.0)
+            out = _descriptor(model, probe, pool, 3.0)
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - the model's own forward: any error means it cannot serve here
