@@ -37,7 +37,8 @@ from utils.files import atomic_write
 POOLS = ("pre_logits", "gem")
 WEIGHT_DIR = "timm"
 SUFFIXES = (".safetensors", ".pth")
-# The teachers' common input (datasets.transforms.Normalize): timm's name for the same constants.
+# The teachers' common input, the ImageNet normalisation of the data pipeline (datasets/transforms.py, which models/
+# does not import), and the default of a pretrained_cfg without mean/std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -140,9 +141,9 @@ class TimmTeacher(nn.Module):
         self.register_buffer("input_scale", imagenet_std / std, persistent=False)
         self.register_buffer("input_shift", (imagenet_mean - mean) / std, persistent=False)
         self.same_normalisation = bool(torch.equal(mean, imagenet_mean) and torch.equal(std, imagenet_std))
-        patch_embed = getattr(model, "patch_embed", None)
-        self.patch_size = tuple(patch_embed.patch_size) if _takes_dynamic_size(
-            model.default_cfg.get("architecture", "")) and patch_embed is not None else None
+        patch_embed = getattr(model, "patch_embed", None)  # a ViT built with dynamic_img_size takes any patch grid
+        dynamic = getattr(model, "dynamic_img_size", False) and patch_embed is not None
+        self.patch_size = tuple(patch_embed.patch_size) if dynamic else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.same_normalisation:
