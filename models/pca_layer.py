@@ -157,10 +157,13 @@ def load_teacher_pca(weights_dir: str | os.PathLike, teacher: str, embed_dim: in
     says how to make it."""
     path = pca_weight_path(weights_dir, teacher, embed_dim, data, pool, gem_p)
     if not path.is_file():
-        download = "" if is_timm_name(teacher) else ", or download the published pca_weights/"
+        if is_timm_name(teacher):  # its file is the flow's data's
+            how = pca_learn_command(teacher, embed_dim, weights_dir, data, pool, gem_p)
+        else:  # one published file per teacher, whichever script writes it
+            how = (f"python gld_pca_learn.py (or svd_pca_learn.py) -t {teacher} --embed_dim {embed_dim} "
+                   f"--path_to_pretrained_weights {weights_dir}, or download the published pca_weights/")
         raise CheckpointError(f"teacher {teacher}: PCA-whitening file for --embed_dim {embed_dim} not found: {path}. "
-                              f"Learn it with: {pca_learn_command(teacher, embed_dim, weights_dir, data, pool, gem_p)}"
-                              f"{download}.")
+                              f"Learn it with: {how}.")
     return load_pca_layer(path, trust=trust, in_dim=in_dim, out_dim=embed_dim)
 
 

@@ -435,3 +435,20 @@ def test_check_weights_reports_a_timm_teacher_and_its_pca_files(tmp_path, timm_w
         check_weights(["--path_to_pretrained_weights", str(weights), "--teachers", VIT, "--embed_dim", str(EMBED)])
     assert exc.value.code == 1
     assert str(teacher_file(VIT, weights)) in capsys.readouterr().out
+
+
+def test_a_missing_pca_file_names_the_file_and_the_script_of_the_flows_data(tmp_path, timm_weights):
+    """A timm teacher's PCA file is the flow's data's: the error names that file and the script that learns it."""
+    weights = tmp_path / "weights"
+    shutil.copytree(timm_weights, weights)
+    missing = pca_weight_path(weights, VIT, EMBED, "gldv2", "gem", 3.0)
+    missing.unlink()
+    res = run_main(*distill_args(weights, tmp_path / "run", "--teacher_pool", "gem"))
+    assert_user_error(res, 1, missing, "gld_pca_learn.py", "--teacher_pool gem")
+    make_toy_svd(tmp_path / "svd", n_queries=1, n_train_queries=1, positives=1, negatives=1, n_unlabeled=1,
+                 frames=(2, 2), size=32, seed=2)
+    missing = pca_weight_path(weights, VIT, EMBED, "svd", "pre_logits")
+    missing.unlink()
+    res = run_main("svd_eval.py", "-t", VIT, "--pca", "--embed_dim", EMBED, "-dm", tmp_path / "svd" / "svd.yaml",
+                   "--path_to_pretrained_weights", weights, "--num_workers", 0, "--no_progress")
+    assert_user_error(res, 1, missing, "svd_pca_learn.py")
