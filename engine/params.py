@@ -24,7 +24,7 @@ from models.embedder import EmbedderConfigError, check_model_flags
 from models.loss import STRATEGIES
 from models.pca_layer import pca_weight_path
 from models.students import check_student_arch
-from models.teachers import NAMES_HELP, TEACHER_POOLS, check_embed_dim, check_teacher_name
+from models.teachers import NAMES_HELP, TEACHER_POOLS, check_embed_dim, check_teacher_name, check_teacher_pool
 from models.timm_names import is_timm_name
 from utils.argtypes import (
     INPUT_TYPES,
@@ -158,12 +158,6 @@ def teacher_pool_flag(**roles: Any) -> Any:
                      "tokens or the last feature map (try it when the pre-logits embedding retrieves poorly, e.g. on "
                      "small landmarks). Each pooling has its own PCA file. The paper's teachers always use GeM",
                 **roles)
-
-
-def check_teacher_pool(teachers: list[str], pool: str) -> None:
-    if pool != "pre_logits" and not any(is_timm_name(name) for name in teachers):
-        raise UsageError(f"--teacher_pool {pool} applies to timm: teachers only, and none is given; the paper's "
-                         "teachers pool with GeM(-p)")
 
 
 def num_workers_flag() -> Any:

@@ -75,9 +75,10 @@ def check_model_flags(arch: str | None, resume: str | None, teacher: str | None,
     if pca and teacher is None:
         raise EmbedderConfigError("--pca applies to teachers only (-t NAME --pca); students are already "
                                   "distilled into the whitened space.")
-    if pool != "pre_logits" and (teacher is None or not is_timm_name(teacher)):
-        raise EmbedderConfigError(f"--teacher_pool {pool} applies to timm teachers only (-t timm:<model>); the "
-                                  "paper's teachers and the students pool with GeM")
+    if pool != "pre_logits":
+        from models.teachers import check_teacher_pool
+
+        check_teacher_pool([teacher] if teacher is not None else [], pool)
     if teacher is not None:
         from models.teachers import check_embed_dim, descriptor_dim
 

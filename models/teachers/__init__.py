@@ -31,8 +31,8 @@ from utils.checkpoint import CheckpointError, check_state_dict, describe_non_che
 from utils.errors import UsageError
 
 __all__ = ["TEACHERS", "TEACHER_FILES", "TEACHER_POOLS", "TeacherSpec", "build_teacher", "check_teacher_file",
-           "check_teacher_name", "descriptor_dim", "teacher_file", "teacher_from_checkpoint", "published_checkpoint",
-           "write_published_layout"]
+           "check_teacher_name", "check_teacher_pool", "descriptor_dim", "teacher_file", "teacher_from_checkpoint",
+           "published_checkpoint", "write_published_layout"]
 
 TEACHERS: dict[str, TeacherSpec] = {
     "resnet101_gem": RESNET101_GEM,
@@ -69,6 +69,13 @@ def descriptor_dim(name: str, pool: str = "pre_logits") -> int:
     if is_timm_name(name):
         return timm_teacher.descriptor_dim(name, pool)
     return _spec(name).descriptor_dim
+
+
+def check_teacher_pool(teachers: list[str], pool: str) -> None:
+    """``--teacher_pool`` other than the default needs a timm teacher to pool (``UsageError`` otherwise)."""
+    if pool != "pre_logits" and not any(is_timm_name(name) for name in teachers):
+        raise UsageError(f"--teacher_pool {pool} applies to timm: teachers only, and none is given; the paper's "
+                         "teachers and the students pool with GeM(-p)")
 
 
 def check_embed_dim(name: str, embed_dim: int, pool: str = "pre_logits") -> None:

@@ -178,8 +178,7 @@ def read_state(path: Path, trust: bool = False, what: str = "teacher") -> dict[s
         try:
             return load_safetensors(path)
         except (SafetensorError, OSError, ValueError) as exc:
-            problem = describe_non_checkpoint(path) or f"not a readable safetensors file ({exc})"
-            raise CheckpointError(f"{what} file {path} is {problem}. Download or write it again.") from None
+            raise _unreadable(path, what, exc) from None
     state = load_file(path, trust=trust, what=what)
     for container in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(container), Mapping):
@@ -189,18 +188,18 @@ def read_state(path: Path, trust: bool = False, what: str = "teacher") -> dict[s
     return dict(state)
 
 
-@functools.cache
-def _classifiers(name: str) -> tuple[str, ...]:
-    import timm
-
-    with torch.device("meta"):
-        classifier = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier") or ()
-    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
+    problem = describe_non_checkpoint(path) or f"not a readable safetensors file ({exc})"
+    return CheckpointError(f"{what} file {path} is {problem}. Download or write it again.")
 
 
 def _file_classes(name: str, state: Mapping[str, Any]) -> int:
     """The class count of the file's classifier (0: the file has none, as DINOv2's)."""
-    for head in _classifiers(name):
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    classifier = (cfg.classifier if cfg is not None else None) or ()
+    for head in (classifier,) if isinstance(classifier, str) else classifier:
         weight = state.get(f"{head}.weight")
         if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
             return int(weight.shape[0])
@@ -211,13 +210,8 @@ def teacher_from_file(teacher: str, path: Path, pool: str = "pre_logits", gem_p:
                       trust: bool = False) -> TimmTeacher:
     """Load ``teacher`` from its file; every key must match (a ``CheckpointError`` naming the file otherwise)."""
     name = model_name(teacher)
-    source = f"teacher {teacher} file {path}"
     state = read_state(path, trust, what=f"teacher {teacher}")
-    with torch.device("meta"):  # shapes only: a file of another model is told before any weight is allocated
-        model = _create(name, _file_classes(name, state))
-    check_state_dict(model.state_dict(), state, source,
-                     f"The file must hold the state_dict of timm model {name} (the keys of "
-                     f"timm.create_model('{name}').state_dict(), as the hub's timm/ files): is it another model's?")
+    model = _meta_model_matching(teacher, state, path)  # a file of another model is told before any allocation
     own = model.state_dict()
     persistent = set(own)
     if any(key not in persistent for key, _ in model.named_buffers()):
@@ -230,7 +224,6 @@ def teacher_from_file(teacher: str, path: Path, pool: str = "pre_logits", gem_p:
 
 def check_file(teacher: str, path: Path, trust: bool = False) -> None:
     """Before any work: the file is there and its keys and shapes are the model's (safetensors: from its header)."""
-    name = model_name(teacher)
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import SafetensorError, safe_open
 
@@ -238,14 +231,22 @@ def check_file(teacher: str, path: Path, trust: bool = False) -> None:
             with safe_open(str(path), framework="pt") as file:
                 state = {key: torch.empty(file.get_slice(key).get_shape(), device="meta") for key in file.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
-            problem = describe_non_checkpoint(path) or f"not a readable safetensors file ({exc})"
-            raise CheckpointError(f"teacher {teacher} file {path} is {problem}. Download or write it again.") from None
+            raise _unreadable(path, f"teacher {teacher}", exc) from None
     else:
         state = read_state(path, trust, what=f"teacher {teacher}")
+    _meta_model_matching(teacher, state, path)
+
+
+def _meta_model_matching(teacher: str, state: Mapping[str, Any], path: Path) -> nn.Module:
+    """The model (shapes only, on the meta device) with the file's classifier, after checking that the file's keys
+    and shapes are exactly its own."""
+    name = model_name(teacher)
     with torch.device("meta"):
         model = _create(name, _file_classes(name, state))
     check_state_dict(model.state_dict(), state, f"teacher {teacher} file {path}",
-                     f"The file must hold the state_dict of timm model {name}: is it another model's?")
+                     f"The file must hold the state_dict of timm model {name} (the keys of "
+                     f"timm.create_model('{name}').state_dict(), as the hub's timm/ files): is it another model's?")
+    return model
 
 
 def save_teacher(teacher: TimmTeacher, path: str | os.PathLike) -> None:
